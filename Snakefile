@@ -1,0 +1,31 @@
+# LoRA fine-tuning as a Snakemake workflow:
+#   data/*.jsonl -> validate -> tokenize -> train (one job per run) -> evaluate,
+#   report -> merge.  See README.md.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+
+
+wildcard_constraints:
+    run="|".join(RUNS),
+    dataset="|".join(config["datasets"]),
+    model="|".join(config["base_models"]),
+    key="[A-Za-z0-9_.-]+",
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True
+
+
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/export.smk"

@@ -1,0 +1,56 @@
+# Per-run evaluation (base vs tuned on the held-out split, generations) and the
+# run's readable report.
+
+
+rule evaluate:
+    input:
+        adapter="results/runs/{run}/adapter",
+        shards=lambda wc: shards(wc.run),
+        records=lambda wc: normalized_records(wc.run),
+        model=lambda wc: base_model_input(RUNS[wc.run]["base_model"]),
+        script=f"{SCRIPTS}/evaluate.py",
+        common=COMMON_CODE,
+    output:
+        eval_json="results/runs/{run}/eval.json",
+        generations="results/runs/{run}/generations.jsonl",
+    params:
+        base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
+        template=lambda wc: config["base_models"][RUNS[wc.run]["base_model"]]["template"],
+        prompts=shlex.quote(json.dumps(config["eval"]["prompts"])),
+        settings=cli_flags(
+            config["eval"], ["fraction", "num_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "seed"]
+        ).replace("--fraction", "--eval-fraction"),
+    threads: 2
+    resources:
+        gpu=lambda wc: min(RUNS[wc.run]["gpus"], 1),
+    log:
+        "results/logs/evaluate/{run}.log",
+    conda:
+        "../envs/finetune.yaml"
+    shell:
+        "python {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
+        " --adapter-dir {input.adapter} --shards {input.shards} --records {input.records}"
+        " --template {params.template} --prompts {params.prompts} {params.settings}"
+        " --eval-json {output.eval_json} --generations {output.generations} --threads {threads} > {log} 2>&1"
+
+
+rule report_run:
+    input:
+        metrics="results/runs/{run}/metrics.jsonl",
+        summary="results/runs/{run}/train_summary.json",
+        eval_json="results/runs/{run}/eval.json",
+        generations="results/runs/{run}/generations.jsonl",
+        script=f"{SCRIPTS}/report_run.py",
+    output:
+        plot="results/runs/{run}/loss_curve.png",
+        html="results/runs/{run}/report.html",
+    params:
+        settings=lambda wc: shlex.quote(json.dumps(RUNS[wc.run], sort_keys=True)),
+    log:
+        "results/logs/report_run/{run}.log",
+    conda:
+        "../envs/finetune.yaml"
+    shell:
+        "python {input.script} --run-name {wildcards.run} --settings {params.settings}"
+        " --metrics {input.metrics} --summary {input.summary} --eval-json {input.eval_json}"
+        " --generations {input.generations} --plot {output.plot} --html {output.html} > {log} 2>&1"

@@ -1,0 +1,31 @@
+# One training job per configured run. The job's `gpu` resource comes from the
+# run's `gpus`, so `snakemake --resources gpu=N` bounds concurrent GPU jobs.
+
+
+rule train:
+    input:
+        shards=lambda wc: shards(wc.run),
+        model=lambda wc: base_model_input(RUNS[wc.run]["base_model"]),
+        script=f"{SCRIPTS}/train.py",
+        common=COMMON_CODE,
+    output:
+        adapter=directory("results/runs/{run}/adapter"),
+        metrics="results/runs/{run}/metrics.jsonl",
+        summary="results/runs/{run}/train_summary.json",
+    params:
+        base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
+        launcher=lambda wc: train_launcher(wc.run),
+        settings=lambda wc: cli_flags(RUNS[wc.run], TRAIN_SETTINGS),
+        eval_fraction=config["eval"]["fraction"],
+    threads: 2
+    resources:
+        gpu=lambda wc: RUNS[wc.run]["gpus"],
+    log:
+        "results/logs/train/{run}.log",
+    conda:
+        "../envs/finetune.yaml"
+    shell:
+        "{params.launcher} {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
+        " --shards {input.shards} --adapter-dir {output.adapter} --metrics {output.metrics}"
+        " --summary {output.summary} --eval-fraction {params.eval_fraction} {params.settings}"
+        " --threads {threads} > {log} 2>&1"

@@ -1,0 +1,125 @@
+"""Build a tiny Llama-architecture base model offline: random weights, a byte-level
+BPE tokenizer trained on a local text corpus, a chat template, and distinct
+bos/eos/pad tokens. The result is saved with save_pretrained, so every later
+stage loads it through the same from_pretrained path as a real model.
+
+    python scripts/build_tiny_model.py --corpus data/tokenizer_corpus.txt \
+        --output results/base_models/tiny-llama --vocab-size 1024 --hidden-size 128
+"""
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+# Each turn is "<|role|>\n{content}"; an assistant turn ends with EOS, which is
+# what the model must learn to emit so that generation stops.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def train_tokenizer(corpus_files, vocab_size):
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train([str(f) for f in corpus_files], trainer)
+    bos_id = tokenizer.token_to_id(BOS)
+    # Like Llama tokenizers: encoding with special tokens prepends BOS, never EOS.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+        padding_side="right",
+    )
+
+
+def build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, initializer_range,
+                seed):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=initializer_range,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model
+
+
+def build_tiny_model(corpus_files, output_dir, vocab_size=1024, hidden_size=128, num_layers=2,
+                     num_heads=4, num_kv_heads=2, intermediate_size=None, initializer_range=0.1, seed=0):
+    output_dir = Path(output_dir)
+    tokenizer = train_tokenizer(corpus_files, vocab_size)
+    model = build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads,
+                        intermediate_size or 4 * hidden_size, initializer_range, seed)
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    partial.rename(output_dir)
+    return output_dir
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, nargs="+", required=True, help="text files to train the tokenizer on")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--num-kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate-size", type=int, default=None)
+    parser.add_argument("--initializer-range", type=float, default=0.1,
+                        help="std of the random weights; with Llama's 0.02 a frozen random lm_head gives nearly "
+                             "flat logits that no adapter can sharpen")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for path in args.corpus:
+        if not path.is_file():
+            parser.error(f"corpus file not found: {path}")
+    build_tiny_model(args.corpus, args.output, args.vocab_size, args.hidden_size, args.num_layers,
+                     args.num_heads, args.num_kv_heads, args.intermediate_size, args.initializer_range, args.seed)
+    print(f"tiny model written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Merge a LoRA adapter into its base model and save a standalone model
+(safetensors, config, generation config, tokenizer) that loads with
+`AutoModelForCausalLM.from_pretrained` and needs no peft.
+
+The base is loaded unquantized in --dtype: merging into quantized weights
+loses quality, so even QLoRA adapters are merged into a full-precision base.
+
+    python scripts/merge.py --base-model results/base_models/tiny-llama \
+        --adapter-dir results/runs/r8/adapter --output-dir results/runs/r8/merged --dtype fp32
+"""
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from common import DTYPES, load_base_model, load_tokenizer
+
+
+def merge(base_model, adapter_dir, output_dir, dtype="fp32"):
+    output_dir = Path(output_dir)
+    model = PeftModel.from_pretrained(load_base_model(base_model, dtype=DTYPES[dtype]), adapter_dir)
+    merged = model.merge_and_unload()
+    tokenizer = load_tokenizer(adapter_dir)
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    merged.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    partial.rename(output_dir)
+    return output_dir
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-model", required=True)
+    parser.add_argument("--adapter-dir", type=Path, required=True)
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    merge(args.base_model, args.adapter_dir, args.output_dir, args.dtype)
+    print(f"merged model written to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
