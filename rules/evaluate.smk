@@ -16,7 +16,7 @@ rule evaluate:
     params:
         base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
         template=lambda wc: config["base_models"][RUNS[wc.run]["base_model"]]["template"],
-        prompts=shlex.quote(json.dumps(config["eval"]["prompts"])),
+        prompts=shlex.quote(json.dumps(config["eval"]["prompts"], sort_keys=True)),
         settings=cli_flags(
             config["eval"], ["fraction", "num_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "seed"]
         ).replace("--fraction", "--eval-fraction"),

@@ -1,0 +1,31 @@
+# Two entry points, each installing what it needs into .venv first:
+#   make run    # the default workflow, end to end (snakemake --cores all)
+#   make test   # the test suite (pytest)
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-test.txt constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-test.txt -c constraints-cpu.txt
+	touch $@
+
+run: install
+	snakemake --cores all
+
+test: install
+	pytest
+
+lint: install
+	snakemake --lint
+
+clean:
+	rm -rf results .snakemake

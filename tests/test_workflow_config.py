@@ -1,0 +1,59 @@
+"""The DAG and config checks: fast dry runs on a copy of the workflow."""
+import pytest
+import yaml
+
+from workflow import copy_workflow, planned_jobs, snakemake
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return copy_workflow(tmp_path / "wf")
+
+
+def write_config(workdir, text):
+    (workdir / "override.yaml").write_text(text)
+    return ["--configfile", "override.yaml"]
+
+
+def test_lint_is_clean(workdir):
+    result = snakemake(workdir, "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_default_dag_has_one_training_job_per_run_and_shared_shards(workdir):
+    jobs = planned_jobs(workdir)
+    runs = yaml.safe_load((workdir / "config" / "config.yaml").read_text())["runs"]
+    assert len(runs) == 2
+    assert [j for j in jobs if j.startswith("train[")] == sorted(f"train[run={r}]" for r in runs)
+    tokenize = [j for j in jobs if j.startswith("tokenize[")]
+    assert len(tokenize) == 2, "both runs share one tokenization per dataset"
+    for rule in ("validate", "evaluate", "merge", "report_run"):
+        assert sum(j.startswith(f"{rule}[") for j in jobs) == 2
+    assert "build_tiny_model[model=tiny-llama]" in jobs
+
+
+@pytest.mark.parametrize("override, message", [
+    ("runs:\n  r8-qv:\n    rank: 8\n", "'rank' was unexpected"),
+    ("runs:\n  r8-qv:\n    r: eight\n", "'eight' is not of type 'integer'"),
+    ("runs:\n  r8-qv:\n    target_modules: q_proj\n", "target_modules"),
+    ("runs:\n  r8-qv:\n    base_model: llama-9000\n", "run 'r8-qv': unknown base model 'llama-9000'"),
+    ("runs:\n  r8-qv:\n    datasets: [nope]\n", "run 'r8-qv': unknown dataset 'nope'"),
+    ("eval:\n  fraction: 2\n", "fraction"),
+])
+def test_bad_config_fails_before_any_job_and_names_the_key(workdir, override, message):
+    result = snakemake(workdir, "-n", *write_config(workdir, override), check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_training_jobs_declare_their_gpus(workdir):
+    args = write_config(workdir, "run_defaults:\n  gpus: 1\n")
+    result = snakemake(workdir, "-n", "--cores", "2", "--resources", "gpu=2", *args)
+    train_blocks = [b for b in result.stdout.split("rule ") if b.startswith("train:")]
+    assert len(train_blocks) == 2 and all("gpu=1" in b for b in train_blocks)
+
+
+def test_runs_that_change_max_length_get_their_own_shards(workdir):
+    jobs = planned_jobs(workdir, *write_config(workdir, "runs:\n  r8-qv:\n    max_length: 64\n"))
+    assert sum(j.startswith("tokenize[") for j in jobs) == 4

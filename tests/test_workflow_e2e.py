@@ -1,0 +1,89 @@
+"""The shipped default config, run end to end with Snakemake on a copy of the
+workflow, then the incremental-rerun guarantees checked by dry runs."""
+import json
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workflow import copy_workflow, planned_jobs, snakemake
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = copy_workflow(tmp_path_factory.mktemp("e2e") / "wf")
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+def runs_of(workdir):
+    return yaml.safe_load((workdir / "config" / "config.yaml").read_text())["runs"]
+
+
+def test_data_stage_outputs(finished):
+    for dataset in ("word_tasks", "number_tasks"):
+        stats = json.loads((finished / f"results/data/{dataset}.stats.json").read_text())
+        assert stats["records"] == len((finished / f"results/data/{dataset}.jsonl").read_text().splitlines())
+    (key_dir,) = (finished / "results/tokens").iterdir()
+    assert sorted(p.name for p in key_dir.glob("*.arrow")) == ["number_tasks.arrow", "word_tasks.arrow"]
+
+
+def test_every_run_has_a_loadable_adapter_better_than_base(finished):
+    base_dir = finished / "results/base_models/tiny-llama"
+    for run, settings in runs_of(finished).items():
+        out = finished / "results/runs" / run
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter")
+        assert model.peft_config["default"].r == settings["r"]
+        assert AutoTokenizer.from_pretrained(out / "adapter").pad_token_id is not None
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert metrics[-1]["loss"] < metrics[0]["loss"]
+        assert {"step", "loss", "lr", "tokens_per_s"} <= metrics[-1].keys()
+        evaluation = json.loads((out / "eval.json").read_text())
+        assert evaluation["tuned"]["loss"] < evaluation["base"]["loss"] - 1.0, "tuned must be clearly better"
+        assert (out / "generations.jsonl").read_text().strip()
+        page = (out / "report.html").read_text()
+        assert run in page and "data:image/png;base64," in page and (out / "loss_curve.png").stat().st_size > 0
+
+
+def test_every_run_has_a_merged_model_that_generates(finished):
+    for run in runs_of(finished):
+        merged = finished / "results/runs" / run / "merged"
+        assert not (merged / "adapter_config.json").exists()
+        tokenizer = AutoTokenizer.from_pretrained(merged)
+        model = AutoModelForCausalLM.from_pretrained(merged)
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Add the two numbers.\n\n3 and 4"}],
+                                               add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_incremental_reruns(finished):
+    assert planned_jobs(finished) == [], "a complete workflow reruns nothing"
+
+    data = finished / "data/word_tasks.jsonl"
+    original = data.read_bytes()
+    record = {"instruction": "What is the first word?", "input": "lemon kiwi", "output": "lemon"}
+    data.write_bytes(original + (json.dumps(record) + "\n").encode())
+    runs = sorted(runs_of(finished))
+    per_run = [f"{rule}[run={run}]" for run in runs for rule in ("evaluate", "merge", "report_run", "train")]
+    jobs = planned_jobs(finished)
+    tokenize = [j for j in jobs if j.startswith("tokenize[")]
+    assert len(tokenize) == 1 and "dataset=word_tasks" in tokenize[0]
+    assert jobs == sorted(["all", "validate[dataset=word_tasks]", *tokenize, *per_run])
+    data.write_bytes(original)
+    assert planned_jobs(finished) == [], "restoring the content makes it up to date again"
+
+    config_path = finished / "config/config.yaml"
+    config_text = config_path.read_text()
+    config = yaml.safe_load(config_text)
+    changed = runs[0]
+    config["runs"][changed]["r"] = config["runs"][changed]["r"] * 2
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert planned_jobs(finished) == sorted(
+        ["all"] + [f"{rule}[run={changed}]" for rule in ("evaluate", "merge", "report_run", "train")])
+    config_path.write_text(config_text)
