@@ -14,7 +14,6 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-test.txt constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-test.txt -c constraints-cpu.txt
 	touch $@
 
