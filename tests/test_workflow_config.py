@@ -57,3 +57,11 @@ def test_training_jobs_declare_their_gpus(workdir):
 def test_runs_that_change_max_length_get_their_own_shards(workdir):
     jobs = planned_jobs(workdir, *write_config(workdir, "runs:\n  r8-qv:\n    max_length: 64\n"))
     assert sum(j.startswith("tokenize[") for j in jobs) == 4
+
+
+@pytest.mark.parametrize("example", ["llama-3.2-1b-sweep.yaml"])
+def test_example_configs_are_valid_on_their_own(workdir, example):
+    jobs = planned_jobs(workdir, "--configfile", f"config/{example}", "--replace-workflow-config")
+    runs = yaml.safe_load((workdir / "config" / example).read_text())["runs"]
+    assert sorted(j for j in jobs if j.startswith("train[")) == sorted(f"train[run={r}]" for r in runs)
+    assert not any(j.startswith("build_tiny_model") for j in jobs)
