@@ -65,3 +65,14 @@ def test_example_configs_are_valid_on_their_own(workdir, example):
     runs = yaml.safe_load((workdir / "config" / example).read_text())["runs"]
     assert sorted(j for j in jobs if j.startswith("train[")) == sorted(f"train[run={r}]" for r in runs)
     assert not any(j.startswith("build_tiny_model") for j in jobs)
+
+
+def test_bad_data_stops_the_workflow_at_validation_with_file_line_and_field(workdir):
+    data = workdir / "data" / "number_tasks.jsonl"
+    lines = data.read_text().splitlines()
+    lines[4] = '{"instruction": "Double the number.", "input": "4", "output": null}'
+    data.write_text("\n".join(lines) + "\n")
+    result = snakemake(workdir, "--cores", "1", "results/data/number_tasks.jsonl", check=False)
+    assert result.returncode != 0
+    assert "data/number_tasks.jsonl:5: field 'output': expected string, got null" in result.stdout + result.stderr
+    assert not list((workdir / "results" / "data").glob("number_tasks*"))
