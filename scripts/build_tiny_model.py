@@ -7,12 +7,13 @@ stage loads it through the same from_pretrained path as a real model.
         --output results/base_models/tiny-llama --vocab-size 1024 --hidden-size 128
 """
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from common import save_pretrained_atomically
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -85,17 +86,10 @@ def build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads, int
 
 def build_tiny_model(corpus_files, output_dir, vocab_size=1024, hidden_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=2, intermediate_size=None, initializer_range=0.1, seed=0):
-    output_dir = Path(output_dir)
     tokenizer = train_tokenizer(corpus_files, vocab_size)
     model = build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads,
                         intermediate_size or 4 * hidden_size, initializer_range, seed)
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    partial.rename(output_dir)
-    return output_dir
+    return save_pretrained_atomically(output_dir, model, tokenizer)
 
 
 def main():

@@ -5,6 +5,9 @@ Training, evaluation and generation all format prompts through
 `format_segments`, so what the model sees at inference time is exactly what it
 was trained on.
 """
+import shutil
+from pathlib import Path
+
 import pyarrow as pa
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -188,3 +191,16 @@ def resolve_precision(precision, device):
 
 def load_base_model(name_or_path, dtype=torch.float32, attn_implementation="sdpa"):
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def save_pretrained_atomically(output_dir, *objects, **save_kwargs):
+    """save_pretrained each object into a sibling '.partial' folder, then move it
+    into place, so a crash never leaves a half-written model behind."""
+    output_dir = Path(output_dir)
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for obj in objects:
+        obj.save_pretrained(partial, **save_kwargs)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    partial.rename(output_dir)
+    return output_dir

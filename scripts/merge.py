@@ -9,27 +9,19 @@ loses quality, so even QLoRA adapters are merged into a full-precision base.
         --adapter-dir results/runs/r8/adapter --output-dir results/runs/r8/merged --dtype fp32
 """
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
-from common import DTYPES, load_base_model, load_tokenizer
+from common import DTYPES, load_base_model, load_tokenizer, save_pretrained_atomically
 
 
 def merge(base_model, adapter_dir, output_dir, dtype="fp32"):
-    output_dir = Path(output_dir)
     model = PeftModel.from_pretrained(load_base_model(base_model, dtype=DTYPES[dtype]), adapter_dir)
     merged = model.merge_and_unload()
     tokenizer = load_tokenizer(adapter_dir)
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    merged.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    partial.rename(output_dir)
-    return output_dir
+    return save_pretrained_atomically(output_dir, merged, tokenizer)
 
 
 def main():

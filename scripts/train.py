@@ -18,7 +18,6 @@ import json
 import math
 import random
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,8 @@ from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 from transformers import get_scheduler
 
-from common import DTYPES, load_base_model, load_tokenizer, pad_batch, read_shards, resolve_precision
+from common import (DTYPES, load_base_model, load_tokenizer, pad_batch, read_shards, resolve_precision,
+                    save_pretrained_atomically)
 
 
 def length_grouped_batches(lengths, batch_size, seed):
@@ -189,13 +189,7 @@ def train(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metrics.close()
-        adapter_dir = Path(args.adapter_dir)
-        partial = adapter_dir.with_name(adapter_dir.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        partial.rename(adapter_dir)
+        adapter_dir = save_pretrained_atomically(args.adapter_dir, accelerator.unwrap_model(model), tokenizer)
         summary = {
             "run": args.run_name,
             "trainable_parameters": trainable,
