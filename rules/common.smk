@@ -55,8 +55,10 @@ def tokenizer_key(run):
     identity = {
         "model": model.get("name_or_path") or model["build_tiny"],
         "template": model["template"],
+        "chat_template": model.get("chat_template"),
         "max_length": run["max_length"],
         "train_on_inputs": run["train_on_inputs"],
+        "too_long": run["too_long"],
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return f"{run['base_model']}-{run['max_length']}-{digest}"
@@ -72,6 +74,17 @@ def shards(run_name):
 
 def normalized_records(run_name):
     return [f"results/data/{dataset}.jsonl" for dataset in RUNS[run_name]["datasets"]]
+
+
+def token_stats(dataset):
+    """The stats of every tokenization of a dataset that some run uses."""
+    keys = {tokenizer_key(run) for run in RUNS.values() if dataset in run["datasets"]}
+    return [f"results/tokens/{key}/{dataset}.stats.json" for key in sorted(keys)]
+
+
+def chat_template_flag(model):
+    template = config["base_models"][model].get("chat_template")
+    return f"--chat-template {shlex.quote(template)}" if template else ""
 
 
 def cli_flags(settings, keys):
@@ -110,7 +123,7 @@ def merged_runs():
 
 
 def final_outputs():
-    outputs = []
+    outputs = [f"results/data/{dataset}.stats.json" for dataset in config["datasets"]]
     for name in RUNS:
         outputs += [f"results/runs/{name}/eval.json", f"results/runs/{name}/report.html"]
     outputs += [f"results/runs/{name}/merged" for name in merged_runs()]

@@ -18,8 +18,8 @@ rule evaluate:
         template=lambda wc: config["base_models"][RUNS[wc.run]["base_model"]]["template"],
         prompts=shlex.quote(json.dumps(config["eval"]["prompts"], sort_keys=True)),
         settings=cli_flags(
-            config["eval"], ["fraction", "num_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "seed"]
-        ).replace("--fraction", "--eval-fraction"),
+            config["eval"], ["num_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "seed"]
+        ),
     threads: 2
     resources:
         gpu=lambda wc: min(RUNS[wc.run]["gpus"], 1),

@@ -16,7 +16,7 @@ rule train:
         base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
         launcher=lambda wc: train_launcher(wc.run),
         settings=lambda wc: cli_flags(RUNS[wc.run], TRAIN_SETTINGS),
-        eval_fraction=config["eval"]["fraction"],
+        chat_template=lambda wc: chat_template_flag(RUNS[wc.run]["base_model"]),
     threads: 2
     resources:
         gpu=lambda wc: RUNS[wc.run]["gpus"],
@@ -27,5 +27,5 @@ rule train:
     shell:
         "{params.launcher} {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
         " --shards {input.shards} --adapter-dir {output.adapter} --metrics {output.metrics}"
-        " --summary {output.summary} --eval-fraction {params.eval_fraction} {params.settings}"
+        " --summary {output.summary} {params.chat_template} {params.settings}"
         " --threads {threads} > {log} 2>&1"

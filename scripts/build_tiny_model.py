@@ -19,12 +19,16 @@ BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 # Each turn is "<|role|>\n{content}"; an assistant turn ends with EOS, which is
-# what the model must learn to emit so that generation stops.
+# what the model must learn to emit so that generation stops. The generation
+# markers let `apply_chat_template(..., return_assistant_tokens_mask=True)`
+# (and TRL's assistant-only loss) find the assistant tokens.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}"
+    "<|{{ message['role'] }}|>\n"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{{ '\\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

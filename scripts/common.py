@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,16 +50,21 @@ def _chat_template_segments(messages, tokenizer):
         if not (prompt.startswith(rendered) and full.startswith(prompt)):
             raise ValueError("the tokenizer's chat template does not render conversations prefix by prefix; "
                              "set the base model's template to 'alpaca' instead")
-        segments += [(prompt[len(rendered):], False), (full[len(prompt):], True)]
+        answer = full[len(prompt):]
+        # Whitespace a template puts after the end of a turn is not part of the answer.
+        segments += [(prompt[len(rendered):], False), (answer.rstrip(), True)]
+        if answer != answer.rstrip():
+            segments.append((answer[len(answer.rstrip()):], False))
         rendered = full
     return segments
 
 
-def _plain_chat_segments(messages):
+def _plain_chat_segments(messages, eos_token):
+    """Without a chat template: '### Role:' headers, each answer ending with EOS."""
     segments, pending = [], ""
     for message in messages:
         if message["role"] == "assistant":
-            segments += [(pending + "### Assistant:\n", False), (message["content"], True)]
+            segments += [(pending + "### Assistant:\n", False), (message["content"] + (eos_token or ""), True)]
             pending = "\n\n"
         else:
             pending += PLAIN_TURN.format(role=message["role"].capitalize(), content=message["content"])
@@ -78,50 +84,60 @@ def format_segments(record, tokenizer, template):
     if record["format"] == "alpaca":
         prompt = ALPACA_PROMPT_WITH_INPUT if record.get("input") else ALPACA_PROMPT
         return [(prompt.format(**record), False), (record["output"], True)]
-    return _plain_chat_segments(record["messages"])
+    return _plain_chat_segments(record["messages"], tokenizer.eos_token)
 
 
 # ---------------------------------------------------------------- encoding
 
 def adds_bos(tokenizer):
+    """Whether the model expects a BOS first (its tokenizer adds one by default)."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("", add_special_tokens=True).input_ids[:1] == [bos]
 
 
-def encode_segments(segments, tokenizer, train_on_inputs=False, append_eos=True):
-    """Token ids and labels for a list of segments: exactly one BOS where the
-    model expects one, prompt tokens masked unless train_on_inputs, and EOS
-    appended (and trained on) when the last target does not already end with it."""
-    input_ids, labels, ids = [], [], []
-    for text, is_target in segments:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+def assemble(pieces, bos, eos, wants_bos, train_on_inputs=False, append_eos=True):
+    """Token ids and labels from (ids, is_target) pieces: exactly one BOS where
+    the model expects one, prompt tokens masked unless train_on_inputs, and EOS
+    appended (and trained on) when the last target does not already hold it."""
+    input_ids, labels = [], []
+    for ids, is_target in pieces:
         input_ids += ids
         labels += ids if (is_target or train_on_inputs) else [IGNORE_INDEX] * len(ids)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if adds_bos(tokenizer) and input_ids[:1] != [bos]:
+    if wants_bos and input_ids[:1] != [bos]:
         input_ids, labels = [bos] + input_ids, [IGNORE_INDEX] + labels
-    while input_ids[:2] == [bos, bos]:
+    while bos is not None and input_ids[:2] == [bos, bos]:
         input_ids, labels = input_ids[1:], labels[1:]
-    if append_eos and eos is not None and segments and segments[-1][1] and eos not in ids:
+    last_answer = [ids for ids, is_target in pieces if is_target][-1:]
+    if append_eos and eos is not None and last_answer and eos not in last_answer[0]:
         input_ids, labels = input_ids + [eos], labels + [eos]
     return input_ids, labels
 
 
+def encode_batch(records, tokenizer, template, train_on_inputs=False):
+    """[(input_ids, labels)] of whole records, with one batched tokenizer call
+    for all their segments (the fast tokenizer spreads it over the cores)."""
+    segments = [format_segments(record, tokenizer, template) for record in records]
+    texts = [text for record_segments in segments for text, _ in record_segments]
+    token_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    specials = tokenizer.bos_token_id, tokenizer.eos_token_id, adds_bos(tokenizer)
+    return [assemble([(next(token_ids), is_target) for _, is_target in record_segments], *specials,
+                     train_on_inputs=train_on_inputs)
+            for record_segments in segments]
+
+
 def encode_record(record, tokenizer, template, max_length, train_on_inputs=False):
     """(input_ids, labels, truncated) for one training record."""
-    input_ids, labels = encode_segments(format_segments(record, tokenizer, template), tokenizer, train_on_inputs)
-    truncated = len(input_ids) > max_length
-    return input_ids[:max_length], labels[:max_length], truncated
+    ((input_ids, labels),) = encode_batch([record], tokenizer, template, train_on_inputs)
+    return input_ids[:max_length], labels[:max_length], len(input_ids) > max_length
 
 
 def encode_prompt(record, tokenizer, template):
     """Prompt ids for generation (everything before the last target) and the reference answer."""
     segments = format_segments(record, tokenizer, template)
     last_target = max(i for i, (_, is_target) in enumerate(segments) if is_target)
-    prompt_segments = segments[:last_target]
-    if not prompt_segments:
-        return [tokenizer.bos_token_id] if adds_bos(tokenizer) else [], segments[last_target][0]
-    input_ids, _ = encode_segments(prompt_segments, tokenizer, append_eos=False)
+    pieces = [(tokenizer(text, add_special_tokens=False).input_ids, False) for text, _ in segments[:last_target]]
+    input_ids, _ = assemble(pieces, tokenizer.bos_token_id, tokenizer.eos_token_id, adds_bos(tokenizer),
+                            append_eos=False)
     return input_ids, reference_answer(record)
 
 
@@ -139,16 +155,15 @@ def in_eval_split(record_id, eval_fraction):
     return int(record_id[:8], 16) / 0x100000000 < eval_fraction
 
 
-def read_shards(paths, split, eval_fraction):
+def read_shards(paths, split):
     """Tokenized examples of one split ('train' or 'eval') from Arrow stream files."""
     examples = []
     for path in paths:
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_stream(source).read_all()
-        for record_id, input_ids, labels in zip(table["id"].to_pylist(), table["input_ids"].to_pylist(),
-                                                table["labels"].to_pylist()):
-            if in_eval_split(record_id, eval_fraction) == (split == "eval"):
-                examples.append({"id": record_id, "input_ids": input_ids, "labels": labels})
+        table = table.filter(pa.compute.equal(table["split"], split))
+        examples += [{"id": record_id, "input_ids": input_ids, "labels": labels} for record_id, input_ids, labels
+                     in zip(table["id"].to_pylist(), table["input_ids"].to_pylist(), table["labels"].to_pylist())]
     return examples
 
 
@@ -168,10 +183,13 @@ def pad_batch(examples, pad_token_id):
 
 # ---------------------------------------------------------------- models
 
-def load_tokenizer(name_or_path):
-    """The base model's tokenizer. Labels are built explicitly, so a pad token
-    that equals EOS cannot mask EOS out of the loss; still prefer a distinct one."""
+def load_tokenizer(name_or_path, chat_template=None):
+    """The base model's tokenizer, with `chat_template` replacing its own if given.
+    Labels are built explicitly, so a pad token that equals EOS cannot mask EOS
+    out of the loss; still prefer a distinct one."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if chat_template:
+        tokenizer.chat_template = chat_template
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from common import (encode_prompt, in_eval_split, load_base_model, load_tokenizer, pad_batch, read_shards,
-                    reference_answer, resolve_template)
+from common import (encode_prompt, load_base_model, load_tokenizer, pad_batch, read_shards, reference_answer,
+                    resolve_template)
 
 
 @torch.no_grad()
@@ -58,13 +58,13 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature,
     return [o.strip() for o in outputs]
 
 
-def heldout_records(record_files, eval_fraction, count):
+def heldout_records(record_files, heldout_ids, count):
     """The first `count` held-out records, in a stable order (by id)."""
-    records = []
+    wanted, records = set(sorted(heldout_ids)[:count]), {}
     for path in record_files:
         with open(path, encoding="utf-8") as f:
-            records += [r for r in map(json.loads, f) if in_eval_split(r["id"], eval_fraction)]
-    return sorted(records, key=lambda r: r["id"])[:count]
+            records.update((r["id"], r) for r in map(json.loads, f) if r["id"] in wanted)
+    return [records[record_id] for record_id in sorted(records)]
 
 
 def prompt_records(prompts):
@@ -95,15 +95,16 @@ def evaluate(args):
     model = PeftModel.from_pretrained(load_base_model(args.base_model), args.adapter_dir)
     model.eval()
 
-    examples = read_shards(args.shards, "eval", args.eval_fraction)
+    examples = read_shards(args.shards, "eval")
     if not examples:
-        raise SystemExit(f"no held-out records in the shards (eval fraction {args.eval_fraction})")
+        raise SystemExit(f"[{args.run_name}] no held-out records in {', '.join(map(str, args.shards))}")
     with model.disable_adapter():
         base_loss, tokens = heldout_loss(model, examples, args.batch_size, tokenizer.pad_token_id)
     tuned_loss, _ = heldout_loss(model, examples, args.batch_size, tokenizer.pad_token_id)
 
     records = [("prompt", r) for r in prompt_records(args.prompts)]
-    records += [("heldout", r) for r in heldout_records(args.records, args.eval_fraction, args.num_samples)]
+    sample = heldout_records(args.records, [e["id"] for e in examples], args.num_samples)
+    records += [("heldout", r) for r in sample]
     prompts = [encode_prompt(r, tokenizer, template)[0] for _, r in records]
     settings = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -141,7 +142,6 @@ def main():
     parser.add_argument("--generations", type=Path, required=True)
     parser.add_argument("--run-name", default="run")
     parser.add_argument("--template", choices=("auto", "alpaca", "chat"), default="auto")
-    parser.add_argument("--eval-fraction", type=float, default=0.1)
     parser.add_argument("--prompts", type=json.loads, default=[], help="JSON list of prompts")
     parser.add_argument("--num-samples", type=int, default=8, help="held-out records to generate for")
     parser.add_argument("--max-new-tokens", type=int, default=64)

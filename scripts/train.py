@@ -97,7 +97,7 @@ def train(args):
     set_seed(args.seed)
     log = accelerator.print
 
-    tokenizer = load_tokenizer(args.base_model)
+    tokenizer = load_tokenizer(args.base_model, args.chat_template)
     model = load_base_model(args.base_model, dtype=DTYPES[precision])
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -107,8 +107,8 @@ def train(args):
     total = sum(p.numel() for p in model.parameters())
     log(f"[{args.run_name}] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
-    train_examples = read_shards(args.shards, "train", args.eval_fraction)
-    eval_examples = read_shards(args.shards, "eval", args.eval_fraction)
+    train_examples = read_shards(args.shards, "train")
+    eval_examples = read_shards(args.shards, "eval")
     if not train_examples:
         sys.exit(f"[{args.run_name}] no training records in {', '.join(map(str, args.shards))}")
     micro_batches_per_epoch = len(train_examples) // args.batch_size // accelerator.num_processes
@@ -215,6 +215,8 @@ def parse_args(argv=None):
     io.add_argument("--metrics", type=Path, required=True, help="metrics.jsonl, one line per logging step")
     io.add_argument("--summary", type=Path, required=True, help="train_summary.json")
     io.add_argument("--run-name", default="run")
+    io.add_argument("--chat-template", default=None, help="a Jinja chat template replacing the tokenizer's own "
+                                                          "(saved with the adapter)")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--r", type=int, default=8)
     lora.add_argument("--alpha", type=float, default=16)
@@ -236,7 +238,6 @@ def parse_args(argv=None):
     opt.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     opt.add_argument("--seed", type=int, default=0)
     run = parser.add_argument_group("run")
-    run.add_argument("--eval-fraction", type=float, default=0.1)
     run.add_argument("--eval-every", type=int, default=0, help="optimizer steps between eval losses (0: at the end)")
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")

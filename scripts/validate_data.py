@@ -2,17 +2,24 @@
 
 Every line must be one JSON object of the dataset's format (alpaca, chat or
 completion; `auto` takes the format of the first record and enforces it on
-all). Errors name the file, the line and the field:
+all). Problems name the file, the line and the field:
 
     data/foo.jsonl:123: field 'output': expected string, got null
 
-Up to --max-errors are reported, then the script exits non-zero without
-writing anything, so no training starts on data that is wrong.
+--on-error fail (default): up to --max-errors problems are reported, then the
+script exits non-zero and writes nothing, so no training starts on bad data.
+--on-error skip: bad records go to the --rejected file with their reason, and
+the script still fails if more than --max-rejected-fraction of them are bad.
+
+The file is read line by line and records are written as they are checked,
+so memory does not grow with the file.
 
     python scripts/validate_data.py --input data/foo.jsonl --format auto \
-        --output results/data/foo.jsonl --stats results/data/foo.stats.json
+        --output results/data/foo.jsonl --rejected results/data/foo.rejected.jsonl \
+        --stats results/data/foo.validation.json
 """
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -29,7 +36,15 @@ JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int
 
 
 class DataError(Exception):
-    """Bad input data; the message lists every problem found, one per line."""
+    """Bad input data; the message lists the problems found, one per line."""
+
+
+class Problem(Exception):
+    """One bad record: a reason category (for stats) and a message."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
 
 
 def load_schemas(schema_dir):
@@ -52,27 +67,30 @@ def field_name(path):
 
 
 def describe(error):
-    """A one-line, field-first description of a JSON Schema error."""
+    """(reason, one-line field-first message) of a JSON Schema error."""
     path = list(error.absolute_path)
     if error.validator == "required":
         missing = error.message.split("'")[1]
-        return f"field '{field_name(path + [missing])}': required field is missing"
+        return "missing_field", f"field '{field_name(path + [missing])}': required field is missing"
     where = f"field '{field_name(path)}'" if path else "record"
     instance = error.instance
     if error.validator == "type":
-        return f"{where}: expected {error.validator_value}, got {JSON_TYPES.get(type(instance), type(instance).__name__)}"
+        got = JSON_TYPES.get(type(instance), type(instance).__name__)
+        return "wrong_type", f"{where}: expected {error.validator_value}, got {got}"
     if error.validator in ("minLength", "pattern"):
-        return f"{where}: must not be empty or whitespace only"
+        return "empty_value", f"{where}: must not be empty or whitespace only"
     if error.validator == "enum":
-        return f"{where}: expected one of {', '.join(map(str, error.validator_value))}, got {instance!r}"
+        reason = "unknown_role" if path and path[-1] == "role" else "invalid_value"
+        return reason, f"{where}: expected one of {', '.join(map(str, error.validator_value))}, got {instance!r}"
     if error.validator == "contains":
-        return f"{where}: needs at least one assistant turn"
+        return "no_assistant_turn", f"{where}: needs at least one assistant turn"
     if error.validator == "minItems":
-        return f"{where}: must not be empty"
-    return f"{where}: {error.message}"
+        return "empty_value", f"{where}: must not be empty"
+    return "invalid_value", f"{where}: {error.message}"
 
 
 def normalize(record, fmt):
+    """The record's fields in the one internal shape, with an id that is a hash of its content."""
     fields = {"format": fmt}
     if fmt == "alpaca":
         fields.update(instruction=record["instruction"], input=record.get("input", ""), output=record["output"])
@@ -85,100 +103,132 @@ def normalize(record, fmt):
 
 
 def read_lines(path):
-    """(line number, text) of each non-blank line; BOM and CRLF tolerated."""
-    raw = Path(path).read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            text = line.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as exc:
-            yield number, None, f"not valid UTF-8 (byte {exc.start + 1} of the line)"
-            continue
-        if text.strip():
-            yield number, text, None
+    """(line number, text or None, problem or None) for each non-blank line; BOM and CRLF tolerated."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            try:
+                text = line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                yield number, None, Problem("not_utf8", f"not valid UTF-8 (byte {exc.start + 1} of the line)")
+                continue
+            if text.strip():
+                yield number, text, None
 
 
-def validate_file(path, fmt="auto", schema_dir=SCHEMA_DIR, max_errors=20, drop_duplicates=False):
-    """Normalized records and stats of one file; raises DataError listing the problems."""
-    path = Path(path)
+def check_record(text, fmt, schemas, first):
+    """The parsed record and its format, or raise Problem (the first of its schema errors)."""
+    array_hint = " (is this a JSON array file? write one object per line: JSONL)" if first else ""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = array_hint if text.lstrip().startswith("[") else ""
+        raise Problem("invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno}){hint}") from None
+    if not isinstance(record, dict):
+        hint = array_hint if isinstance(record, list) else ""
+        raise Problem("not_an_object", f"expected a JSON object per line, got {JSON_TYPES.get(type(record), 'value')}"
+                                       f"{hint}")
+    if fmt == "auto":
+        fmt = detect_format(record)
+        if fmt is None:
+            raise Problem("unknown_format", "cannot tell the record format (no 'instruction', 'messages' or 'text')")
+    errors = sorted(schemas[fmt].iter_errors(record), key=lambda e: list(e.absolute_path))
+    if errors:
+        problems = list({message.split(":")[0]: (reason, message) for reason, message in map(describe, reversed(errors))}
+                        .values())[::-1]
+        raise Problem(problems[0][0], "; ".join(message for _, message in problems))
+    return record, fmt
+
+
+def validate_file(path, output, rejected, fmt="auto", on_error="fail", max_errors=20, max_rejected_fraction=0.1,
+                  drop_duplicates=False, schema_dir=SCHEMA_DIR):
+    """Write normalized records to `output` (and bad ones to `rejected`); return stats.
+
+    Raises DataError, leaving neither file behind, when the data is not usable."""
+    path, output, rejected = Path(path), Path(output), Path(rejected)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     schemas = load_schemas(schema_dir)
-    records, errors, seen = [], [], set()
-    stats = {"file": str(path), "lines": 0, "records": 0, "duplicates": 0, "duplicates_dropped": 0}
-    for number, text, problem in read_lines(path):
-        stats["lines"] += 1
-        where = f"{path}:{number}"
-        if problem is None:
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                problem = f"invalid JSON: {exc.msg} (column {exc.colno})"
-        if problem is None and not isinstance(record, dict):
-            problem = f"expected a JSON object per line, got {JSON_TYPES.get(type(record), 'value')}"
-            if isinstance(record, list) and number == 1:
-                problem += " (is this a JSON array file? write one object per line: JSONL)"
-        if problem is None and fmt == "auto":
-            fmt = detect_format(record)
-            if fmt is None:
-                problem = "cannot tell the record format (no 'instruction', 'messages' or 'text' field)"
-                fmt = "auto"
-        if problem is None:
-            schema_errors = sorted(schemas[fmt].iter_errors(record), key=lambda e: list(e.absolute_path))
-            if schema_errors:
-                errors += [f"{where}: {describe(e)}" for e in schema_errors]
-                if len(errors) >= max_errors:
-                    break
-                continue
-        if problem is not None:
-            errors.append(f"{where}: {problem}")
-            if len(errors) >= max_errors:
-                break
-            continue
-        normalized = normalize(record, fmt)
-        if normalized["id"] in seen:
-            stats["duplicates"] += 1
-            if drop_duplicates:
-                stats["duplicates_dropped"] += 1
-                continue
-        seen.add(normalized["id"])
-        records.append({**normalized, "line": number})
-    if errors:
-        more = " (stopped at the first {max_errors})".format(max_errors=max_errors) if len(errors) >= max_errors else ""
-        raise DataError(f"{len(errors)} invalid record(s) in {path}{more}:\n" + "\n".join(errors[:max_errors]))
-    if not records:
+    seen, errors, reasons = set(), [], collections.Counter()
+    stats = {"file": str(path), "format": fmt, "records_read": 0, "records": 0, "rejected": 0, "duplicates": 0,
+             "duplicates_dropped": 0}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial_output = output.with_name(output.name + ".partial")
+    partial_rejected = rejected.with_name(rejected.name + ".partial")
+    try:
+        with open(partial_output, "w", encoding="utf-8") as good, open(partial_rejected, "w", encoding="utf-8") as bad:
+            for number, text, problem in read_lines(path):
+                stats["records_read"] += 1
+                try:
+                    if problem:
+                        raise problem
+                    record, fmt = check_record(text, fmt, schemas, first=stats["records_read"] == 1)
+                except Problem as exc:
+                    reasons[exc.reason] += 1
+                    errors.append(f"{path}:{number}: {exc}")
+                    bad.write(json.dumps({"line": number, "reason": exc.reason, "error": str(exc), "text": text},
+                                         ensure_ascii=False) + "\n")
+                    if on_error == "fail" and len(errors) >= max_errors:
+                        break
+                    continue
+                normalized = normalize(record, fmt)
+                if normalized["id"] in seen:
+                    stats["duplicates"] += 1
+                    if drop_duplicates:
+                        stats["duplicates_dropped"] += 1
+                        continue
+                seen.add(normalized["id"])
+                stats["records"] += 1
+                good.write(json.dumps({**normalized, "line": number}, ensure_ascii=False) + "\n")
+        stats.update(format=fmt, rejected=len(errors), rejected_by_reason=dict(reasons))
+        check_usable(path, stats, errors, on_error, max_errors, max_rejected_fraction)
+    except BaseException:
+        partial_output.unlink(missing_ok=True)
+        partial_rejected.unlink(missing_ok=True)
+        raise
+    os.replace(partial_output, output)
+    os.replace(partial_rejected, rejected)
+    return stats
+
+
+def check_usable(path, stats, errors, on_error, max_errors, max_rejected_fraction):
+    if errors and on_error == "fail":
+        limit = f" (stopped at the first {max_errors})" if len(errors) >= max_errors else ""
+        raise DataError(f"{len(errors)} invalid record(s) in {path}{limit}:\n" + "\n".join(errors))
+    if stats["records_read"] == 0:
         raise DataError(f"{path}: no records (the file is empty)")
-    stats.update(records=len(records), format=fmt)
-    return records, stats
-
-
-def write_atomically(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
+    fraction = len(errors) / stats["records_read"]
+    if fraction > max_rejected_fraction:
+        shown = "\n".join(errors[:max_errors])
+        raise DataError(f"{path}: {len(errors)} of {stats['records_read']} records are invalid ({fraction:.0%}, more than "
+                        f"the allowed {max_rejected_fraction:.0%}); the first of them:\n{shown}")
+    if stats["records"] == 0:
+        raise DataError(f"{path}: no valid records")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True, help="normalized records (JSONL)")
+    parser.add_argument("--rejected", type=Path, required=True, help="bad records with their reasons (JSONL)")
     parser.add_argument("--stats", type=Path, required=True)
     parser.add_argument("--format", choices=("auto", *FORMATS), default="auto")
-    parser.add_argument("--schema-dir", type=Path, default=SCHEMA_DIR)
-    parser.add_argument("--max-errors", type=int, default=20)
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+    parser.add_argument("--max-errors", type=int, default=20, help="problems to report before stopping")
+    parser.add_argument("--max-rejected-fraction", type=float, default=0.1, help="with --on-error skip")
     parser.add_argument("--drop-duplicates", action="store_true")
+    parser.add_argument("--schema-dir", type=Path, default=SCHEMA_DIR)
     args = parser.parse_args()
     try:
-        records, stats = validate_file(args.input, args.format, args.schema_dir, args.max_errors, args.drop_duplicates)
+        stats = validate_file(args.input, args.output, args.rejected, args.format, args.on_error, args.max_errors,
+                              args.max_rejected_fraction, args.drop_duplicates, args.schema_dir)
     except DataError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)
-    write_atomically(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_atomically(args.stats, json.dumps(stats, indent=2) + "\n")
-    print(f"{args.input}: {stats['records']} {stats['format']} records, {stats['duplicates']} duplicate(s)")
+    args.stats.write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"{args.input}: {stats['records']} {stats['format']} records, {stats['rejected']} rejected, "
+          f"{stats['duplicates']} duplicate(s) ({stats['duplicates_dropped']} dropped)")
 
 
 if __name__ == "__main__":

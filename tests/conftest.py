@@ -28,11 +28,15 @@ def tiny_tokenizer(tiny_model):
 
 
 @pytest.fixture(scope="session")
-def example_records():
+def example_records(tmp_path_factory):
     """Normalized records of the shipped example data."""
-    records, _ = validate_file(REPO / "data" / "word_tasks.jsonl")
-    more, _ = validate_file(REPO / "data" / "number_tasks.jsonl")
-    return records + more
+    import json
+    out = tmp_path_factory.mktemp("validated")
+    records = []
+    for name in ("word_tasks", "number_tasks"):
+        validate_file(REPO / "data" / f"{name}.jsonl", out / f"{name}.jsonl", out / f"{name}.rejected.jsonl")
+        records += [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+    return records
 
 
 @pytest.fixture(scope="session")

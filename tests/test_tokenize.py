@@ -1,7 +1,11 @@
+import json
+
 import datasets
+import numpy as np
 import pytest
 
-from common import IGNORE_INDEX, encode_prompt, encode_record, format_segments, in_eval_split, read_shards
+from common import (IGNORE_INDEX, encode_batch, encode_prompt, encode_record, format_segments, in_eval_split,
+                    load_tokenizer, read_shards)
 from tokenize_data import tokenize_file
 
 ALPACA = {"format": "alpaca", "instruction": "Reverse the order of these words.", "input": "red blue green",
@@ -85,19 +89,101 @@ def test_split_is_by_content_hash_not_position(example_records):
     assert held_out == {r["id"] for r in reordered if in_eval_split(r["id"], 0.1)}
 
 
+def write_records(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def test_shard_is_arrow_readable_by_datasets(tmp_path, tiny_tokenizer, example_records):
-    import json
-    records_path = tmp_path / "records.jsonl"
-    records_path.write_text("".join(json.dumps(r) + "\n" for r in example_records[:50]))
-    stats = tokenize_file(records_path, tiny_tokenizer, "auto", 64, tmp_path / "shard.arrow", batch_size=16)
+    records = write_records(tmp_path / "records.jsonl", example_records[:50])
+    stats = tokenize_file(records, tiny_tokenizer, "auto", 64, tmp_path / "shard.arrow", batch_size=16)
     shard = datasets.Dataset.from_file(str(tmp_path / "shard.arrow"))
-    assert shard.num_rows == stats["records"] == 50
-    assert set(shard.column_names) >= {"id", "input_ids", "labels", "length"}
-    assert stats["template"] == "chat" and stats["length_max"] <= 64
+    assert shard.num_rows == stats["records"] == 50 == stats["train"] + stats["eval"]
+    assert shard.column_names == ["id", "split", "input_ids", "labels", "length"]
+    assert stats["template"] == "chat"
     row = shard[0]
-    assert len(row["input_ids"]) == len(row["labels"]) == row["length"]
+    assert len(row["input_ids"]) == len(row["labels"]) == row["length"] <= 64
     assert row["input_ids"][-1] == tiny_tokenizer.eos_token_id and row["labels"][-1] == tiny_tokenizer.eos_token_id
-    train = read_shards([tmp_path / "shard.arrow"], "train", 0.1)
-    held_out = read_shards([tmp_path / "shard.arrow"], "eval", 0.1)
-    assert len(train) + len(held_out) == 50 and not {e["id"] for e in train} & {e["id"] for e in held_out}
+    train, held_out = read_shards([tmp_path / "shard.arrow"], "train"), read_shards([tmp_path / "shard.arrow"], "eval")
+    assert (len(train), len(held_out)) == (stats["train"], stats["eval"])
+    assert not {e["id"] for e in train} & {e["id"] for e in held_out}
+    assert all(in_eval_split(e["id"], 0.1) for e in held_out)
     assert not (tmp_path / "shard.arrow.partial").exists()
+
+
+def test_stats_count_long_records_and_report_length_percentiles(tmp_path, tiny_tokenizer, example_records):
+    records = write_records(tmp_path / "records.jsonl", example_records)
+    lengths = sorted(len(encode_record(r, tiny_tokenizer, "chat", 10_000)[0]) for r in example_records)
+    limit = lengths[len(lengths) // 2]
+    longer = sum(n > limit for n in lengths)
+    stats = tokenize_file(records, tiny_tokenizer, "chat", limit, tmp_path / "t.arrow")
+    assert stats["too_long"] == stats["truncated"] == longer and stats["records"] == len(example_records)
+    assert stats["length_max"] == lengths[-1] and stats["length_p50"] == float(np.percentile(lengths, 50))
+    assert stats["length_p90"] <= stats["length_p99"] <= stats["length_max"]
+    assert max(datasets.Dataset.from_file(str(tmp_path / "t.arrow"))["length"]) == limit
+
+    stats = tokenize_file(records, tiny_tokenizer, "chat", limit, tmp_path / "d.arrow", too_long="drop")
+    assert stats["too_long"] == stats["dropped_too_long"] == longer and stats["truncated"] == 0
+    assert stats["records"] == len(example_records) - longer
+    assert datasets.Dataset.from_file(str(tmp_path / "d.arrow")).num_rows == stats["records"]
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_explicit_split_puts_the_whole_file_in_it(tmp_path, tiny_tokenizer, example_records, split):
+    records = write_records(tmp_path / "records.jsonl", example_records[:40])
+    stats = tokenize_file(records, tiny_tokenizer, "chat", 64, tmp_path / "s.arrow", split=split)
+    assert stats[split] == 40 and len(read_shards([tmp_path / "s.arrow"], split)) == 40
+
+
+def test_batched_encoding_equals_one_record_at_a_time(tiny_tokenizer, example_records):
+    sample = example_records[:30] + [CHAT, {"format": "completion", "text": "apple river"}]
+    batched = encode_batch(sample, tiny_tokenizer, "chat")
+    single = [encode_record(r, tiny_tokenizer, "chat", 10_000)[:2] for r in sample]
+    assert batched == single
+
+
+def test_masks_match_transformers_assistant_mask(tiny_tokenizer, example_records):
+    """Independent reference: transformers renders the conversation with the
+    chat template's generation markers and reports which tokens are assistant's."""
+    for record in [CHAT] + example_records[:20]:
+        messages = record["messages"] if record["format"] == "chat" else [
+            {"role": "user", "content": f"{record['instruction']}\n\n{record['input']}"},
+            {"role": "assistant", "content": record["output"]}]
+        reference = tiny_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                       return_assistant_tokens_mask=True)
+        ids, labels, _ = encode_record(record, tiny_tokenizer, "chat", 10_000)
+        assert ids == reference["input_ids"]
+        assert [label != IGNORE_INDEX for label in labels] == [bool(m) for m in reference["assistant_masks"]]
+
+
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+          "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}"
+          "{% else %}{{ message['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chatml_style_template_with_end_of_turn_as_eos(tiny_model):
+    """A Qwen-instruct-like setup: no BOS, <|im_end|> ends turns and is the EOS;
+    the newline after it is template, not answer."""
+    tokenizer = load_tokenizer(tiny_model, chat_template=CHATML)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    ids, labels, _ = encode_record(CHAT, tokenizer, "chat", 10_000)
+    reference = tokenizer.apply_chat_template(CHAT["messages"], tokenize=True, return_dict=True,
+                                              return_assistant_tokens_mask=True)
+    assert ids[0] == tokenizer.bos_token_id, "the tiny tokenizer still adds its BOS, once"
+    assert ids[1:] == reference["input_ids"], "no EOS appended after <|im_end|>, which is the EOS"
+    assert [label != IGNORE_INDEX for label in labels] == [False] + [bool(m) for m in reference["assistant_masks"]]
+
+
+def test_configured_chat_template_replaces_the_tokenizers_own(tiny_model):
+    tokenizer = load_tokenizer(tiny_model, chat_template=CHATML)
+    prompt_ids, _ = encode_prompt(ALPACA, tokenizer, "chat")
+    assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_chat_records_without_a_chat_template_use_a_plain_template(tiny_tokenizer):
+    ids, labels, _ = encode_record(CHAT, tiny_tokenizer, "alpaca", 10_000)
+    text = tiny_tokenizer.decode(ids)
+    assert text.startswith("<s>### System:\nAnswer briefly.\n\n### User:\n")
+    assert trained_text(tiny_tokenizer, labels) == "red</s>blue</s>"

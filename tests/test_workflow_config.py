@@ -27,7 +27,7 @@ def test_default_dag_has_one_training_job_per_run_and_shared_shards(workdir):
     assert [j for j in jobs if j.startswith("train[")] == sorted(f"train[run={r}]" for r in runs)
     tokenize = [j for j in jobs if j.startswith("tokenize[")]
     assert len(tokenize) == 2, "both runs share one tokenization per dataset"
-    for rule in ("validate", "evaluate", "merge", "report_run"):
+    for rule in ("validate", "dataset_stats", "evaluate", "merge", "report_run"):
         assert sum(j.startswith(f"{rule}[") for j in jobs) == 2
     assert "build_tiny_model[model=tiny-llama]" in jobs
 
@@ -76,3 +76,21 @@ def test_bad_data_stops_the_workflow_at_validation_with_file_line_and_field(work
     assert result.returncode != 0
     assert "data/number_tasks.jsonl:5: field 'output': expected string, got null" in result.stdout + result.stderr
     assert not list((workdir / "results" / "data").glob("number_tasks*"))
+
+
+def test_missing_data_file_is_named_before_any_job_runs(workdir):
+    (workdir / "data" / "word_tasks.jsonl").unlink()
+    result = snakemake(workdir, "--cores", "1", check=False)
+    assert result.returncode != 0
+    assert "Missing input files" in result.stderr and "data/word_tasks.jsonl" in result.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_quarantine_mode_keeps_going_and_reports_rejects(workdir):
+    data = workdir / "data" / "number_tasks.jsonl"
+    data.write_text(data.read_text() + '{"instruction": "Double the number.", "output": 4}\n')
+    args = write_config(workdir, "datasets:\n  number_tasks:\n    on_error: skip\n")
+    snakemake(workdir, "--cores", "1", "results/data/number_tasks.validation.json", *args)
+    stats = yaml.safe_load((workdir / "results/data/number_tasks.validation.json").read_text())
+    assert stats["rejected"] == 1 and stats["rejected_by_reason"] == {"wrong_type": 1} and stats["records"] == 200
+    assert "expected string, got integer" in (workdir / "results/data/number_tasks.rejected.jsonl").read_text()

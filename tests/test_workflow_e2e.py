@@ -25,10 +25,13 @@ def runs_of(workdir):
 
 
 def test_data_stage_outputs(finished):
+    (key_dir,) = (finished / "results/tokens").iterdir()
     for dataset in ("word_tasks", "number_tasks"):
         stats = json.loads((finished / f"results/data/{dataset}.stats.json").read_text())
         assert stats["records"] == len((finished / f"results/data/{dataset}.jsonl").read_text().splitlines())
-    (key_dir,) = (finished / "results/tokens").iterdir()
+        assert stats["rejected"] == 0 and (finished / f"results/data/{dataset}.rejected.jsonl").read_text() == ""
+        tokenized = stats["tokenized"][key_dir.name]
+        assert tokenized["records"] == stats["records"] and 0 < tokenized["length_p50"] <= tokenized["length_max"]
     assert sorted(p.name for p in key_dir.glob("*.arrow")) == ["number_tasks.arrow", "word_tasks.arrow"]
 
 
@@ -74,7 +77,8 @@ def test_incremental_reruns(finished):
     jobs = planned_jobs(finished)
     tokenize = [j for j in jobs if j.startswith("tokenize[")]
     assert len(tokenize) == 1 and "dataset=word_tasks" in tokenize[0]
-    assert jobs == sorted(["all", "validate[dataset=word_tasks]", *tokenize, *per_run])
+    assert jobs == sorted(["all", "validate[dataset=word_tasks]", "dataset_stats[dataset=word_tasks]", *tokenize,
+                           *per_run])
     data.write_bytes(original)
     assert planned_jobs(finished) == [], "restoring the content makes it up to date again"
 

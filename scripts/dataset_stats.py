@@ -1,0 +1,28 @@
+"""Combine one dataset's validation stats with the stats of each of its
+tokenizations (token-length percentiles, truncation counts) into one file.
+
+    python scripts/dataset_stats.py --validation results/data/foo.validation.json \
+        --tokenized results/tokens/KEY/foo.stats.json --output results/data/foo.stats.json
+"""
+import argparse
+import json
+from pathlib import Path
+
+
+def combine(validation_path, tokenized_paths):
+    stats = json.loads(Path(validation_path).read_text())
+    stats["tokenized"] = {Path(p).parent.name: json.loads(Path(p).read_text()) for p in tokenized_paths}
+    return stats
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--validation", type=Path, required=True)
+    parser.add_argument("--tokenized", type=Path, nargs="*", default=[], help="tokens/{key}/{dataset}.stats.json")
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+    args.output.write_text(json.dumps(combine(args.validation, args.tokenized), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
