@@ -113,12 +113,23 @@ def assemble(pieces, bos, eos, wants_bos, train_on_inputs=False, append_eos=True
     return input_ids, labels
 
 
+def tokenize_texts(texts, tokenizer):
+    """Token ids of many texts, without special tokens added. A fast tokenizer's
+    Rust backend is called directly: it spreads the batch over the cores and
+    skips the Python-side conversion that `tokenizer(texts)` adds."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+
+
 def encode_batch(records, tokenizer, template, train_on_inputs=False):
     """[(input_ids, labels)] of whole records, with one batched tokenizer call
-    for all their segments (the fast tokenizer spreads it over the cores)."""
+    for all their segments."""
     segments = [format_segments(record, tokenizer, template) for record in records]
-    texts = [text for record_segments in segments for text, _ in record_segments]
-    token_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    token_ids = iter(tokenize_texts([text for record_segments in segments for text, _ in record_segments], tokenizer))
     specials = tokenizer.bos_token_id, tokenizer.eos_token_id, adds_bos(tokenizer)
     return [assemble([(next(token_ids), is_target) for _, is_target in record_segments], *specials,
                      train_on_inputs=train_on_inputs)

@@ -48,6 +48,28 @@ def split_of(record_id, split, eval_fraction):
     return "eval" if in_eval_split(record_id, eval_fraction) else "train"
 
 
+def write_batch(writer, batch, encoded, counts, max_length, too_long, split, eval_fraction):
+    """Append one batch of encoded records to the shard; return their untruncated lengths."""
+    columns = {name: [] for name in SCHEMA.names}
+    for record, (input_ids, labels) in zip(batch, encoded):
+        if len(input_ids) > max_length:
+            counts["too_long"] += 1
+            if too_long == "drop":
+                counts["dropped_too_long"] += 1
+                continue
+            counts["truncated"] += 1
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        record_split = split_of(record["id"], split, eval_fraction)
+        for name, value in zip(SCHEMA.names, (record["id"], record_split, input_ids, labels, len(input_ids))):
+            columns[name].append(value)
+        counts[record_split] += 1
+        counts["records"] += 1
+        counts["tokens"] += len(input_ids)
+        counts["trained_tokens"] += len(labels) - labels.count(-100)
+    writer.write_batch(pa.record_batch(columns, schema=SCHEMA))
+    return np.array([len(ids) for ids, _ in encoded], dtype=np.int32)
+
+
 def tokenize_file(input_path, tokenizer, template, max_length, output_path, train_on_inputs=False,
                   too_long="truncate", split="auto", eval_fraction=0.1, batch_size=1000):
     """Write the shard and return its stats (counts and token-length percentiles)."""
@@ -62,26 +84,9 @@ def tokenize_file(input_path, tokenizer, template, max_length, output_path, trai
     try:
         with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
             while batch := list(itertools.islice(records, batch_size)):
-                columns = {name: [] for name in SCHEMA.names}
                 encoded = encode_batch(batch, tokenizer, template, train_on_inputs)
-                batch_lengths.append(np.array([len(ids) for ids, _ in encoded], dtype=np.int32))
-                for record, (input_ids, labels) in zip(batch, encoded):
-                    if len(input_ids) > max_length:
-                        counts["too_long"] += 1
-                        if too_long == "drop":
-                            counts["dropped_too_long"] += 1
-                            continue
-                        counts["truncated"] += 1
-                        input_ids, labels = input_ids[:max_length], labels[:max_length]
-                    record_split = split_of(record["id"], split, eval_fraction)
-                    for name, value in zip(SCHEMA.names, (record["id"], record_split, input_ids, labels,
-                                                          len(input_ids))):
-                        columns[name].append(value)
-                    counts[record_split] += 1
-                    counts["records"] += 1
-                    counts["tokens"] += len(input_ids)
-                    counts["trained_tokens"] += sum(label != -100 for label in labels)
-                writer.write_batch(pa.record_batch(columns, schema=SCHEMA))
+                batch_lengths.append(write_batch(writer, batch, encoded, counts, max_length, too_long, split,
+                                                 eval_fraction))
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

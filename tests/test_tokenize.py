@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from common import (IGNORE_INDEX, encode_batch, encode_prompt, encode_record, format_segments, in_eval_split,
-                    load_tokenizer, read_shards)
+                    load_tokenizer, read_shards, tokenize_texts)
 from tokenize_data import tokenize_file
 
 ALPACA = {"format": "alpaca", "instruction": "Reverse the order of these words.", "input": "red blue green",
@@ -187,3 +187,9 @@ def test_chat_records_without_a_chat_template_use_a_plain_template(tiny_tokenize
     text = tiny_tokenizer.decode(ids)
     assert text.startswith("<s>### System:\nAnswer briefly.\n\n### User:\n")
     assert trained_text(tiny_tokenizer, labels) == "red</s>blue</s>"
+
+
+def test_backend_tokenization_equals_the_tokenizers_own(tiny_tokenizer, example_records):
+    texts = [r["instruction"] + "\n\n" + r["input"] for r in example_records[:50]] + [
+        "", " leading space", "<|user|>\nspecial tokens</s> in text", "ünïcödé and emoji 🙂", "tabs\tand\r\nCRLF"]
+    assert tokenize_texts(texts, tiny_tokenizer) == tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]
