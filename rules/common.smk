@@ -102,9 +102,10 @@ def cli_flags(settings, keys):
 
 
 TRAIN_SETTINGS = [
-    "r", "alpha", "dropout", "target_modules", "bias", "use_rslora", "learning_rate", "weight_decay",
-    "lr_scheduler", "warmup_ratio", "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum",
-    "gradient_checkpointing", "precision", "seed", "eval_every", "log_every",
+    "method", "r", "adalora_init_r", "alpha", "dropout", "target_modules", "bias", "use_rslora", "optimizer",
+    "learning_rate", "weight_decay", "lr_scheduler", "warmup_ratio", "max_grad_norm", "epochs", "max_steps",
+    "batch_size", "grad_accum", "gradient_checkpointing", "precision", "attn_implementation", "packing", "seed",
+    "eval_every", "log_every", "checkpoint_every",
 ]
 
 

@@ -1,5 +1,7 @@
 # One training job per configured run. The job's `gpu` resource comes from the
 # run's `gpus`, so `snakemake --resources gpu=N` bounds concurrent GPU jobs.
+# Checkpoints go to results/checkpoints/{run}, which is not an output: Snakemake
+# deletes the outputs of a failed job, and a rerun resumes from the checkpoint.
 
 
 rule train:
@@ -12,11 +14,13 @@ rule train:
         adapter=directory("results/runs/{run}/adapter"),
         metrics="results/runs/{run}/metrics.jsonl",
         summary="results/runs/{run}/train_summary.json",
+        tensorboard=directory("results/runs/{run}/tensorboard"),
     params:
         base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
         launcher=lambda wc: train_launcher(wc.run),
         settings=lambda wc: cli_flags(RUNS[wc.run], TRAIN_SETTINGS),
         chat_template=lambda wc: chat_template_flag(RUNS[wc.run]["base_model"]),
+        checkpoints=lambda wc: f"results/checkpoints/{wc.run}",
     threads: 2
     resources:
         gpu=lambda wc: RUNS[wc.run]["gpus"],
@@ -27,5 +31,6 @@ rule train:
     shell:
         "{params.launcher} {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
         " --shards {input.shards} --adapter-dir {output.adapter} --metrics {output.metrics}"
-        " --summary {output.summary} {params.chat_template} {params.settings}"
+        " --summary {output.summary} --tensorboard-dir {output.tensorboard} --checkpoint-dir {params.checkpoints}"
+        " {params.chat_template} {params.settings}"
         " --threads {threads} > {log} 2>&1"

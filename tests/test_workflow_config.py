@@ -94,3 +94,10 @@ def test_quarantine_mode_keeps_going_and_reports_rejects(workdir):
     stats = yaml.safe_load((workdir / "results/data/number_tasks.validation.json").read_text())
     assert stats["rejected"] == 1 and stats["rejected_by_reason"] == {"wrong_type": 1} and stats["records"] == 200
     assert "expected string, got integer" in (workdir / "results/data/number_tasks.rejected.jsonl").read_text()
+
+
+def test_changing_the_template_makes_new_shards_not_reused_ones(workdir):
+    before = {j for j in planned_jobs(workdir) if j.startswith("tokenize[")}
+    args = write_config(workdir, "base_models:\n  tiny-llama:\n    template: alpaca\n")
+    after = {j for j in planned_jobs(workdir, *args) if j.startswith("tokenize[")}
+    assert len(after) == 2 and not before & after

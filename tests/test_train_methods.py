@@ -1,0 +1,106 @@
+"""Each adapter method trains on the tiny model on CPU; hardware it cannot use is refused before training."""
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import train
+from common import load_base_model, pad_batch, read_shards
+
+
+def run_train(tmp_path, tiny_model, shards, *extra, name="run"):
+    out = tmp_path / name
+    train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--adapter-dir", str(out / "adapter"),
+                "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
+                "--run-name", name, "--log-every", "5", "--precision", "fp32", *extra])
+    return out
+
+
+def metrics_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, expected_type", [
+    ("lora", "LORA"), ("dora", "LORA"), ("adalora", "ADALORA"), ("qlora", "LORA")])
+def test_each_method_trains_and_saves_a_loadable_adapter(tmp_path, tiny_model, shards, method, expected_type):
+    out = run_train(tmp_path, tiny_model, shards, "--method", method, "--max-steps", "20", "--learning-rate", "1e-2",
+                    "--target-modules", "all-linear", name=method)
+    rows = metrics_of(out)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == expected_type
+    assert config.get("use_dora", False) == (method == "dora")
+    if method == "adalora":
+        assert config["total_step"] == 20 and config["target_r"] == 8 and config["init_r"] == 12
+        assert config["tinit"] + config["tfinal"] < config["total_step"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "adapter")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 200, 300]])).logits
+    assert torch.isfinite(logits).all()
+    assert json.loads((out / "summary.json").read_text())["method"] == method
+
+
+def test_qlora_quantizes_the_base_to_4bit_nf4(tmp_path, tiny_model, shards, monkeypatch):
+    seen = {}
+    original = train.prepare_model_for_kbit_training
+
+    def spy(model, **kwargs):
+        seen["linear"] = type(model.model.layers[0].self_attn.q_proj).__name__
+        seen["quantization"] = model.config.quantization_config
+        return original(model, **kwargs)
+
+    monkeypatch.setattr(train, "prepare_model_for_kbit_training", spy)
+    run_train(tmp_path, tiny_model, shards, "--method", "qlora", "--max-steps", "2")
+    quantization = seen["quantization"]
+    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    assert seen["linear"] == "Linear4bit"
+    assert quantization["bnb_4bit_quant_type"] == "nf4" and quantization["bnb_4bit_use_double_quant"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--attn-implementation", "flash_attention_2"], "flash_attention_2 needs a CUDA GPU"),
+    (["--precision", "fp16"], "precision fp16 needs a CUDA GPU"),
+    (["--optimizer", "paged_adamw_8bit"], "paged_adamw_8bit pages optimizer state between GPU and CPU"),
+])
+def test_unusable_hardware_choices_stop_before_training(tmp_path, tiny_model, shards, extra, message):
+    with pytest.raises(SystemExit, match=rf"\[run\] cannot train on cpu: .*{message}"):
+        run_train(tmp_path, tiny_model, shards, "--max-steps", "2", *extra)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_adalora_schedule_leaves_a_budget_phase():
+    for total in (1, 2, 3, 5, 10, 100, 1000):
+        tinit, tfinal, delta_t = train.adalora_schedule(total)
+        assert tinit + tfinal < total and delta_t >= 1
+
+
+def test_packed_batch_gives_the_same_per_token_loss_as_padded_records(tiny_model, shards):
+    examples = read_shards(shards, "train")[:6]
+    model = load_base_model(tiny_model).eval()
+    padded = pad_batch(examples, pad_token_id=0)
+    packed = train.pack_batch(examples)
+    tokens = train.count_trained_tokens(padded)
+    assert train.count_trained_tokens(packed) == tokens
+    assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    with torch.no_grad():
+        padded_loss = model(**padded, num_items_in_batch=tokens, use_cache=False).loss
+        packed_loss = model(**packed, num_items_in_batch=tokens, use_cache=False).loss
+        # Without restarting positions per record, the records would see each other:
+        leaky = model(input_ids=packed["input_ids"], labels=packed["labels"], num_items_in_batch=tokens,
+                      use_cache=False).loss
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-4, rtol=1e-4)
+    assert abs(leaky - padded_loss) > 1e-3
+
+
+def test_packed_training_runs_and_reports_it(tmp_path, tiny_model, shards):
+    out = run_train(tmp_path, tiny_model, shards, "--packing", "on", "--max-steps", "10", "--learning-rate", "1e-2")
+    assert json.loads((out / "summary.json").read_text())["packing"] is True
+    assert metrics_of(out)[-1]["loss"] < metrics_of(out)[0]["loss"]
+
+
+def test_tensorboard_events_are_written(tmp_path, tiny_model, shards):
+    out = run_train(tmp_path, tiny_model, shards, "--max-steps", "5", "--tensorboard-dir", str(tmp_path / "tb"))
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert out.exists()
