@@ -35,6 +35,8 @@ _check_config()
 RUNS = config["runs"]
 SCRIPTS = f"{workflow.basedir}/scripts"
 COMMON_CODE = f"{SCRIPTS}/common.py"
+# Wraps GPU jobs so that each gets its own devices (not an input: editing it must not retrain).
+GPU_POOL = f"{SCRIPTS}/gpu_pool.py"
 RECORD_SCHEMAS = [f"{workflow.basedir}/schemas/records/{fmt}.schema.json" for fmt in ("alpaca", "chat", "completion")]
 
 

@@ -16,6 +16,7 @@ rule evaluate:
     params:
         base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
         template=lambda wc: config["base_models"][RUNS[wc.run]["base_model"]]["template"],
+        gpu_pool=GPU_POOL,
         prompts=shlex.quote(json.dumps(config["eval"]["prompts"], sort_keys=True)),
         settings=cli_flags(
             config["eval"], ["num_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "seed"]
@@ -28,7 +29,8 @@ rule evaluate:
     conda:
         "../envs/finetune.yaml"
     shell:
-        "python {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
+        "python {params.gpu_pool} --gpus {resources.gpu} --"
+        " python {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
         " --adapter-dir {input.adapter} --shards {input.shards} --records {input.records}"
         " --template {params.template} --prompts {params.prompts} {params.settings}"
         " --eval-json {output.eval_json} --generations {output.generations} --threads {threads} > {log} 2>&1"

@@ -21,6 +21,7 @@ rule train:
         settings=lambda wc: cli_flags(RUNS[wc.run], TRAIN_SETTINGS),
         chat_template=lambda wc: chat_template_flag(RUNS[wc.run]["base_model"]),
         checkpoints=lambda wc: f"results/checkpoints/{wc.run}",
+        gpu_pool=GPU_POOL,
     threads: 2
     resources:
         gpu=lambda wc: RUNS[wc.run]["gpus"],
@@ -29,7 +30,8 @@ rule train:
     conda:
         "../envs/finetune.yaml"
     shell:
-        "{params.launcher} {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
+        "python {params.gpu_pool} --gpus {resources.gpu} --"
+        " {params.launcher} {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
         " --shards {input.shards} --adapter-dir {output.adapter} --metrics {output.metrics}"
         " --summary {output.summary} --tensorboard-dir {output.tensorboard} --checkpoint-dir {params.checkpoints}"
         " {params.chat_template} {params.settings}"

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from common import (encode_prompt, load_base_model, load_tokenizer, pad_batch, read_shards, reference_answer,
-                    resolve_template)
+from common import (DTYPES, encode_prompt, load_base_model, load_tokenizer, pad_batch, read_shards, reference_answer,
+                    resolve_precision, resolve_template)
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def heldout_loss(model, examples, batch_size, pad_token_id):
     """Mean loss per trained token, and the number of trained tokens."""
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = pad_batch(examples[start:start + batch_size], pad_token_id)
+        batch = {k: v.to(model.device) for k, v in pad_batch(examples[start:start + batch_size], pad_token_id).items()}
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         total_loss += model(**batch, num_items_in_batch=tokens).loss.item() * tokens
         total_tokens += tokens
@@ -41,8 +41,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature,
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         width = max(len(p) for p in chunk)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=model.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
         torch.manual_seed(seed)
         generated = model.generate(
             input_ids=input_ids,
@@ -92,7 +92,9 @@ def exact_match(predictions, references):
 def evaluate(args):
     tokenizer = load_tokenizer(args.adapter_dir)
     template = resolve_template(tokenizer, args.template)
-    model = PeftModel.from_pretrained(load_base_model(args.base_model), args.adapter_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[resolve_precision("auto", device)]
+    model = PeftModel.from_pretrained(load_base_model(args.base_model, dtype=dtype), args.adapter_dir).to(device)
     model.eval()
 
     examples = read_shards(args.shards, "eval")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -249,7 +249,8 @@ def load_checkpoint(folder, run_fingerprint, model, optimizer, scheduler, log):
 # ---------------------------------------------------------------- training
 
 def train(args):
-    device = PartialState().device
+    # The state must know about ACCELERATE_USE_CPU before anything else initializes it (DDP on CPU).
+    device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
     precision = resolve_precision(args.precision, device)
     problems = hardware_problems(args, device, precision)
     if problems:
