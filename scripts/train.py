@@ -329,7 +329,7 @@ def train(args):
     progress = tqdm(total=total_steps, initial=start_step, desc=args.run_name, disable=not main, mininterval=10,
                     file=sys.stderr)
     start = interval_start = time.perf_counter()
-    interval_loss, interval_trained, interval_tokens = 0.0, 0, 0
+    interval_loss, interval_trained, interval_tokens, tokens_seen = 0.0, 0, 0, 0
     model.train()
     for step in range(start_step + 1, total_steps + 1):
         window = [next(batches) for _ in range(args.grad_accum)]
@@ -347,6 +347,7 @@ def train(args):
                 accelerator.backward(loss)
             step_loss += loss.item() / accelerator.num_processes
             interval_tokens += real_tokens(batch)
+            tokens_seen += real_tokens(batch)
         step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), reduction="sum").item()
         if not math.isfinite(step_loss):
             sys.exit(f"[{args.run_name}] loss is {step_loss} at step {step}: training diverged. Usual causes: "
@@ -388,7 +389,8 @@ def train(args):
                                 elapsed_before + time.perf_counter() - start)
             accelerator.wait_for_everyone()
     progress.close()
-    wall_time = elapsed_before + time.perf_counter() - start
+    session_time = time.perf_counter() - start
+    wall_time = elapsed_before + session_time
 
     accelerator.wait_for_everyone()
     if main:
@@ -402,6 +404,8 @@ def train(args):
             "steps": total_steps, "resumed_from_step": start_step, "precision": precision,
             "attn_implementation": args.attn_implementation, "packing": packing,
             "processes": accelerator.num_processes, "wall_time_s": wall_time, "peak_memory_mb": peak_memory_mb(device),
+            "session_time_s": session_time, "session_tokens": tokens_seen * accelerator.num_processes,
+            "session_tokens_per_s": tokens_seen * accelerator.num_processes / session_time,
         }
         Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
         if checkpoints:
