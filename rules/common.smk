@@ -130,4 +130,4 @@ def final_outputs():
     for name in RUNS:
         outputs += [f"results/runs/{name}/eval.json", f"results/runs/{name}/report.html"]
     outputs += [f"results/runs/{name}/merged" for name in merged_runs()]
-    return outputs
+    return outputs + ["results/report/sweep.html"]

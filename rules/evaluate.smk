@@ -44,8 +44,20 @@ rule report_run:
         generations="results/runs/{run}/generations.jsonl",
         script=f"{SCRIPTS}/report_run.py",
     output:
-        plot="results/runs/{run}/loss_curve.png",
-        html="results/runs/{run}/report.html",
+        plot=report(
+            "results/runs/{run}/loss_curve.png",
+            category="Runs",
+            subcategory="{run}",
+            caption="captions/run_loss_curve.rst",
+            labels={"run": "{run}", "figure": "loss curve"},
+        ),
+        html=report(
+            "results/runs/{run}/report.html",
+            category="Runs",
+            subcategory="{run}",
+            caption="captions/run_page.rst",
+            labels={"run": "{run}", "figure": "run page"},
+        ),
     params:
         settings=lambda wc: shlex.quote(json.dumps(RUNS[wc.run], sort_keys=True)),
     log:
@@ -56,3 +68,43 @@ rule report_run:
         "python {input.script} --run-name {wildcards.run} --settings {params.settings}"
         " --metrics {input.metrics} --summary {input.summary} --eval-json {input.eval_json}"
         " --generations {input.generations} --plot {output.plot} --html {output.html} > {log} 2>&1"
+
+
+rule report_sweep:
+    input:
+        summaries=expand("results/runs/{run}/train_summary.json", run=RUNS),
+        evaluations=expand("results/runs/{run}/eval.json", run=RUNS),
+        metrics=expand("results/runs/{run}/metrics.jsonl", run=RUNS),
+        script=f"{SCRIPTS}/report_sweep.py",
+    output:
+        csv=report("results/report/sweep.csv", category="Sweep", caption="captions/sweep_csv.rst"),
+        html=report(
+            "results/report/sweep.html",
+            category="Sweep",
+            caption="captions/sweep_table.rst",
+            labels={"figure": "sweep table"},
+        ),
+        loss_plot=report(
+            "results/report/loss_curves.png",
+            category="Sweep",
+            caption="captions/loss_curves.rst",
+            labels={"figure": "loss curves"},
+        ),
+        params_plot=report(
+            "results/report/eval_loss_vs_parameters.png",
+            category="Sweep",
+            caption="captions/loss_vs_parameters.rst",
+            labels={"figure": "eval loss vs parameters"},
+        ),
+    params:
+        runs=" ".join(
+            f"--run {name} results/runs/{name} {shlex.quote(json.dumps(run, sort_keys=True))}"
+            for name, run in RUNS.items()
+        ),
+    log:
+        "results/logs/report_sweep.log",
+    conda:
+        "../envs/finetune.yaml"
+    shell:
+        "python {input.script} {params.runs} --csv {output.csv} --html {output.html}"
+        " --loss-plot {output.loss_plot} --params-plot {output.params_plot} > {log} 2>&1"

@@ -84,9 +84,23 @@ def prompt_records(prompts):
     return records
 
 
-def exact_match(predictions, references):
-    pairs = [(p, r) for p, r in zip(predictions, references) if r]
-    return sum(p.strip() == r.strip() for p, r in pairs) / len(pairs) if pairs else None
+def task_metrics(predictions, references):
+    """Exact match, ROUGE-L F1 (rouge-score), BLEU and chrF (sacrebleu) of generations
+    against reference answers; all computed locally (the `evaluate` library would
+    fetch metric code from the Hub at run time)."""
+    pairs = [(p.strip(), r.strip()) for p, r in zip(predictions, references) if r.strip()]
+    if not pairs:
+        return {"exact_match": None, "rouge_l": None, "bleu": None, "chrf": None}
+    import sacrebleu
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    predicted, expected = [p for p, _ in pairs], [r for _, r in pairs]
+    return {
+        "exact_match": sum(p == r for p, r in pairs) / len(pairs),
+        "rouge_l": sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in pairs) / len(pairs),
+        "bleu": sacrebleu.corpus_bleu(predicted, [expected]).score,
+        "chrf": sacrebleu.corpus_chrf(predicted, [expected]).score,
+    }
 
 
 def evaluate(args):
@@ -120,15 +134,17 @@ def evaluate(args):
         for (source, record), prompt, base, tuned in zip(records, prompts, base_outputs, tuned_outputs)
     ]
     heldout = [g for g in generations if g["source"] == "heldout"]
+    references = [g["reference"] for g in heldout]
     result = {
         "run": args.run_name,
         "eval_records": len(examples),
         "eval_tokens": tokens,
+        "generated_for": len(heldout),
         "template": template,
         "base": {"loss": base_loss, "perplexity": math.exp(base_loss),
-                 "exact_match": exact_match([g["base"] for g in heldout], [g["reference"] for g in heldout])},
+                 **task_metrics([g["base"] for g in heldout], references)},
         "tuned": {"loss": tuned_loss, "perplexity": math.exp(tuned_loss),
-                  "exact_match": exact_match([g["tuned"] for g in heldout], [g["reference"] for g in heldout])},
+                  **task_metrics([g["tuned"] for g in heldout], references)},
         "generation": {k: v for k, v in settings.items() if k != "batch_size"},
     }
     return result, generations

@@ -67,7 +67,8 @@ def cell(value):
 def render_html(run_name, settings, summary, evaluation, generations, plot_png):
     base, tuned = evaluation["base"], evaluation["tuned"]
     verdict = "better" if tuned["loss"] < base["loss"] else "not better"
-    eval_rows = [[metric, base.get(metric), tuned.get(metric)] for metric in ("loss", "perplexity", "exact_match")]
+    eval_rows = [[metric, base.get(metric), tuned.get(metric)]
+                 for metric in ("loss", "perplexity", "exact_match", "rouge_l", "bleu", "chrf")]
     image = base64.b64encode(plot_png).decode()
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>Run {html.escape(run_name)}</title>",

@@ -104,3 +104,9 @@ def test_tensorboard_events_are_written(tmp_path, tiny_model, shards):
     out = run_train(tmp_path, tiny_model, shards, "--max-steps", "5", "--tensorboard-dir", str(tmp_path / "tb"))
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert out.exists()
+
+
+def test_8bit_adamw_trains_on_cpu(tmp_path, tiny_model, shards):
+    out = run_train(tmp_path, tiny_model, shards, "--optimizer", "adamw_8bit", "--max-steps", "10",
+                    "--learning-rate", "1e-2", "--target-modules", "all-linear")
+    assert metrics_of(out)[-1]["loss"] < metrics_of(out)[0]["loss"]

@@ -1,0 +1,164 @@
+"""Compare every run of the sweep: a sortable CSV and an HTML table with one row
+per run (settings, cost, losses, task metrics), the loss curves of all runs on
+one chart, and eval loss against trainable parameters.
+
+    python scripts/report_sweep.py --run r8 results/runs/r8 '{"method": "lora", ...}' \
+        --run r16 results/runs/r16 '{...}' --csv results/report/sweep.csv \
+        --html results/report/sweep.html --loss-plot results/report/loss_curves.png \
+        --params-plot results/report/eval_loss_vs_parameters.png
+"""
+import argparse
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLUMNS = ["run", "method", "r", "alpha", "target_modules", "trainable_parameters", "wall_time_s", "tokens_per_s",
+           "peak_memory_mb", "final_train_loss", "base_eval_loss", "eval_loss", "perplexity", "exact_match",
+           "rouge_l", "bleu", "chrf"]
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
+th { background: #f3f3f3; cursor: pointer; user-select: none; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.best td { background: #eaf7ee; }
+img { max-width: 100%; }
+"""
+SORT_SCRIPT = """
+document.querySelectorAll('table.sortable th').forEach((th, column) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0];
+  const ascending = th.dataset.order !== 'asc';
+  th.dataset.order = ascending ? 'asc' : 'desc';
+  const key = row => { const text = row.cells[column].dataset.value ?? row.cells[column].textContent;
+                       const number = parseFloat(text); return isNaN(number) ? text : number; };
+  [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : -1) * (ascending ? 1 : -1)).forEach(r => body.appendChild(r));
+}));
+"""
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_row(name, folder, settings):
+    folder = Path(folder)
+    summary = json.loads((folder / "train_summary.json").read_text())
+    evaluation = json.loads((folder / "eval.json").read_text())
+    metrics = read_jsonl(folder / "metrics.jsonl")
+    tuned = evaluation["tuned"]
+    target = settings.get("target_modules")
+    return {
+        "run": name,
+        "method": settings.get("method"),
+        "r": settings.get("r"),
+        "alpha": settings.get("alpha"),
+        "target_modules": target if isinstance(target, str) else " ".join(target or []),
+        "trainable_parameters": summary["trainable_parameters"],
+        "wall_time_s": round(summary["wall_time_s"], 2),
+        "tokens_per_s": round(summary.get("session_tokens_per_s", 0.0)),
+        "peak_memory_mb": round(summary["peak_memory_mb"]),
+        "final_train_loss": metrics[-1]["loss"],
+        "base_eval_loss": evaluation["base"]["loss"],
+        "eval_loss": tuned["loss"],
+        "perplexity": tuned["perplexity"],
+        **{key: tuned.get(key) for key in ("exact_match", "rouge_l", "bleu", "chrf")},
+    }, metrics
+
+
+def plot_loss_curves(curves, path):
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for name, metrics in curves.items():
+        line, = ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=f"{name} train")
+        evals = [m for m in metrics if "eval_loss" in m]
+        if evals:
+            ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o--", color=line.get_color(),
+                    label=f"{name} eval")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per trained token")
+    ax.set_title("Loss curves of all runs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_loss_vs_parameters(rows, path):
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for row in rows:
+        ax.scatter(row["trainable_parameters"], row["eval_loss"], s=40)
+        ax.annotate(row["run"], (row["trainable_parameters"], row["eval_loss"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize="small")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("held-out loss (tuned)")
+    ax.set_title("Eval loss vs trainable parameters")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cell(value):
+    if isinstance(value, float):
+        return f'<td class="num" data-value="{value}">{value:.4g}</td>'
+    if isinstance(value, int):
+        return f'<td class="num" data-value="{value}">{value:,}</td>'
+    return f"<td>{html.escape('' if value is None else str(value))}</td>"
+
+
+def render_html(rows, loss_png, params_png):
+    best = min(rows, key=lambda r: r["eval_loss"])["run"]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join(f"<tr class='{'best' if row['run'] == best else ''}'>" + "".join(cell(row[c]) for c in COLUMNS)
+                   + "</tr>" for row in rows)
+    image = "<img alt='{}' src='data:image/png;base64,{}'>".format
+    return "\n".join([
+        "<!doctype html><html><head><meta charset='utf-8'><title>Sweep report</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>Sweep: {len(rows)} run(s)</h1>",
+        f"<p>Lowest held-out loss: <b>{html.escape(best)}</b>. Click a column header to sort.</p>",
+        f"<table class='sortable' id='sweep'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+        "<h2>Loss curves</h2>", image("loss curves", base64.b64encode(loss_png).decode()),
+        "<h2>Eval loss vs trainable parameters</h2>", image("eval loss vs parameters",
+                                                             base64.b64encode(params_png).decode()),
+        f"<script>{SORT_SCRIPT}</script></body></html>",
+    ])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", nargs=3, action="append", required=True, metavar=("NAME", "FOLDER", "SETTINGS_JSON"),
+                        help="a run's name, its results folder and its settings as JSON")
+    parser.add_argument("--csv", type=Path, required=True)
+    parser.add_argument("--html", type=Path, required=True)
+    parser.add_argument("--loss-plot", type=Path, required=True)
+    parser.add_argument("--params-plot", type=Path, required=True)
+    args = parser.parse_args()
+    rows, curves = [], {}
+    for name, folder, settings in args.run:
+        row, metrics = run_row(name, folder, json.loads(settings))
+        rows.append(row)
+        curves[name] = metrics
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_loss_curves(curves, args.loss_plot)
+    plot_loss_vs_parameters(rows, args.params_plot)
+    args.html.write_text(render_html(rows, args.loss_plot.read_bytes(), args.params_plot.read_bytes()),
+                         encoding="utf-8")
+    print(f"sweep report of {len(rows)} run(s) written to {args.html}")
+
+
+if __name__ == "__main__":
+    main()
