@@ -77,7 +77,12 @@ rule report_sweep:
         metrics=expand("results/runs/{run}/metrics.jsonl", run=RUNS),
         script=f"{SCRIPTS}/report_sweep.py",
     output:
-        csv=report("results/report/sweep.csv", category="Sweep", caption="captions/sweep_csv.rst"),
+        csv=report(
+            "results/report/sweep.csv",
+            category="Sweep",
+            caption="captions/sweep_csv.rst",
+            labels={"figure": "sweep table (CSV)"},
+        ),
         html=report(
             "results/report/sweep.html",
             category="Sweep",

@@ -19,13 +19,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+HEADERS = {"target_modules": "target modules", "trainable_parameters": "trainable params", "wall_time_s": "wall s",
+           "tokens_per_s": "tokens/s", "peak_memory_mb": "peak MiB", "final_train_loss": "final train loss",
+           "base_eval_loss": "base eval loss", "eval_loss": "eval loss", "exact_match": "exact match",
+           "rouge_l": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF"}
 COLUMNS = ["run", "method", "r", "alpha", "target_modules", "trainable_parameters", "wall_time_s", "tokens_per_s",
            "peak_memory_mb", "final_train_loss", "base_eval_loss", "eval_loss", "perplexity", "exact_match",
            "rouge_l", "bleu", "chrf"]
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; white-space: nowrap; }
+.scroll { overflow-x: auto; }
 th { background: #f3f3f3; cursor: pointer; user-select: none; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.best td { background: #eaf7ee; }
@@ -117,7 +122,7 @@ def cell(value):
 
 def render_html(rows, loss_png, params_png):
     best = min(rows, key=lambda r: r["eval_loss"])["run"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th title='{c}'>{html.escape(HEADERS.get(c, c))}</th>" for c in COLUMNS)
     body = "".join(f"<tr class='{'best' if row['run'] == best else ''}'>" + "".join(cell(row[c]) for c in COLUMNS)
                    + "</tr>" for row in rows)
     image = "<img alt='{}' src='data:image/png;base64,{}'>".format
@@ -126,7 +131,8 @@ def render_html(rows, loss_png, params_png):
         f"<style>{STYLE}</style></head><body>",
         f"<h1>Sweep: {len(rows)} run(s)</h1>",
         f"<p>Lowest held-out loss: <b>{html.escape(best)}</b>. Click a column header to sort.</p>",
-        f"<table class='sortable' id='sweep'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+        f"<div class='scroll'><table class='sortable' id='sweep'><thead><tr>{head}</tr></thead>"
+        f"<tbody>{body}</tbody></table></div>",
         "<h2>Loss curves</h2>", image("loss curves", base64.b64encode(loss_png).decode()),
         "<h2>Eval loss vs trainable parameters</h2>", image("eval loss vs parameters",
                                                              base64.b64encode(params_png).decode()),

@@ -68,3 +68,12 @@ def trained_run(tmp_path_factory, tiny_model, shards):
                 "--run-name", "test-run", "--r", "8", "--alpha", "16", "--learning-rate", "1e-2",
                 "--max-steps", str(TRAIN_STEPS), "--log-every", "10", "--eval-every", "30", "--precision", "fp32"])
     return out
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """The shipped default workflow, run to completion with Snakemake on a copy (slow tests only)."""
+    from workflow import copy_workflow, snakemake
+    workdir = copy_workflow(tmp_path_factory.mktemp("e2e") / "wf")
+    snakemake(workdir, "--cores", "2")
+    return workdir

@@ -30,6 +30,18 @@ def test_eval_reports_base_and_tuned_side_by_side(tiny_model, trained_run, shard
     assert result["eval_records"] == 40 and result["eval_tokens"] > 0
     assert [g["source"] for g in generations] == ["prompt"] * 2 + ["heldout"] * 4
     assert all(g["reference"] for g in generations[2:])
+    for side in ("base", "tuned"):
+        for metric in ("exact_match", "rouge_l", "bleu", "chrf"):
+            assert isinstance(result[side][metric], float)
+
+
+def test_task_metrics_against_known_values():
+    perfect = evaluate.task_metrics(["green blue red", "forty-two"], ["green blue red", "forty-two"])
+    assert perfect["exact_match"] == 1.0 and perfect["rouge_l"] == 1.0 and perfect["chrf"] == 100.0
+    half = evaluate.task_metrics(["green blue red", "seven"], ["green blue red", "forty-two"])
+    assert half["exact_match"] == 0.5 and 0.4 < half["rouge_l"] < 0.6
+    partial = evaluate.task_metrics(["red blue"], ["red green blue"])
+    assert partial["rouge_l"] == 0.8 and partial["exact_match"] == 0.0
 
 
 def test_generation_prompts_are_formatted_like_training(tiny_model, trained_run, shards, tmp_path):

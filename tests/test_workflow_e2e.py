@@ -8,16 +8,9 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workflow import copy_workflow, planned_jobs, snakemake
+from workflow import planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    workdir = copy_workflow(tmp_path_factory.mktemp("e2e") / "wf")
-    snakemake(workdir, "--cores", "2")
-    return workdir
 
 
 def runs_of(workdir):
@@ -91,3 +84,29 @@ def test_incremental_reruns(finished):
     assert planned_jobs(finished) == sorted(
         ["all"] + [f"{rule}[run={changed}]" for rule in ("evaluate", "merge", "report_run", "train")])
     config_path.write_text(config_text)
+
+
+def test_sweep_table_has_one_numeric_row_per_run(finished):
+    import csv
+    with open(finished / "results/report/sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["run"] for r in rows) == sorted(runs_of(finished))
+    for row in rows:
+        for column in ("r", "alpha", "trainable_parameters", "wall_time_s", "tokens_per_s", "peak_memory_mb",
+                       "final_train_loss", "eval_loss", "perplexity", "exact_match", "rouge_l", "bleu", "chrf"):
+            float(row[column])
+        assert float(row["eval_loss"]) < float(row["base_eval_loss"])
+    assert (finished / "results/report/loss_curves.png").stat().st_size > 0
+
+
+def test_snakemake_report_contains_every_run(finished):
+    snakemake(finished, "--report", "report.html")
+    snakemake(finished, "--report", "report.zip")
+    page = (finished / "report.html").read_text()
+    for run in runs_of(finished):
+        assert run in page
+    for name in ("sweep.html", "sweep.csv", "loss_curves.png", "eval_loss_vs_parameters.png"):
+        assert name in page
+    import zipfile
+    names = zipfile.ZipFile(finished / "report.zip").namelist()
+    assert sum(n.endswith("/report.html") and "/raw/" in n for n in names) == len(runs_of(finished))

@@ -1,0 +1,91 @@
+"""The reports are web pages: open them in headless Chromium and check what a reader sees."""
+import shutil
+import time
+
+import pytest
+import yaml
+
+from workflow import snakemake
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+selenium = pytest.importorskip("selenium", reason="selenium is not installed")
+if not (CHROMIUM and CHROMEDRIVER):
+    pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def runs_of(workdir):
+    return list(yaml.safe_load((workdir / "config" / "config.yaml").read_text())["runs"])
+
+
+def visible_text(driver):
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def test_snakemake_report_shows_the_sweep_table_and_every_run(finished, browser, tmp_path):
+    snakemake(finished, "--report", "report.html")
+    browser.get((finished / "report.html").as_uri())
+    wait = WebDriverWait(browser, 30)
+    wait.until(expected_conditions.element_to_be_clickable((By.XPATH, "//*[text()='Sweep']"))).click()
+    row = wait.until(expected_conditions.presence_of_element_located(
+        (By.XPATH, "//tr[td[normalize-space()='sweep table']]")))
+    row.find_element(By.XPATH, ".//a[@iconname='eye']").click()
+    wait.until(expected_conditions.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
+    table = wait.until(expected_conditions.visibility_of_element_located((By.ID, "sweep")))
+    assert table.is_displayed()
+    cells = [c.text for c in table.find_elements(By.XPATH, ".//tbody/tr/td[1]")]
+    assert sorted(cells) == sorted(runs_of(finished))
+    browser.save_screenshot(str(tmp_path / "sweep.png"))
+
+    browser.switch_to.default_content()
+    browser.find_element(By.XPATH, "//a[.//*[text()='Results'] or text()='Results']").click()
+    wait.until(expected_conditions.element_to_be_clickable((By.XPATH, "//*[text()='Runs']"))).click()
+    time.sleep(0.5)
+    text = visible_text(browser)
+    for run in runs_of(finished):
+        assert run in text, f"run {run} is not listed under Runs"
+
+
+def test_sweep_page_sorts_by_a_clicked_column(finished, browser):
+    browser.get((finished / "results/report/sweep.html").as_uri())
+    header = browser.find_element(By.XPATH, "//th[@title='eval_loss']")
+    header.click()
+    ascending = [float(td.get_attribute("data-value")) for td in
+                 browser.find_elements(By.XPATH, "//table[@id='sweep']/tbody/tr/td[12]")]
+    assert ascending == sorted(ascending)
+    header.click()
+    descending = [float(td.get_attribute("data-value")) for td in
+                  browser.find_elements(By.XPATH, "//table[@id='sweep']/tbody/tr/td[12]")]
+    assert descending == sorted(ascending, reverse=True)
+
+
+def test_run_page_shows_metrics_curve_and_generations(finished, browser):
+    for run in runs_of(finished):
+        browser.get((finished / "results/runs" / run / "report.html").as_uri())
+        text = visible_text(browser)
+        assert f"Run {run}" in text and "tuned is better" in text
+        assert "Generations" in text and "rouge_l" in text and "Reverse the order of these words." in text
+        image = browser.find_element(By.XPATH, "//img[@alt='loss curve']")
+        assert browser.execute_script("return arguments[0].naturalWidth", image) > 0
