@@ -71,7 +71,7 @@ def test_incremental_reruns(finished):
     tokenize = [j for j in jobs if j.startswith("tokenize[")]
     assert len(tokenize) == 1 and "dataset=word_tasks" in tokenize[0]
     assert jobs == sorted(["all", "validate[dataset=word_tasks]", "dataset_stats[dataset=word_tasks]", *tokenize,
-                           *per_run])
+                           *per_run, "report_sweep"])
     data.write_bytes(original)
     assert planned_jobs(finished) == [], "restoring the content makes it up to date again"
 
@@ -82,7 +82,7 @@ def test_incremental_reruns(finished):
     config["runs"][changed]["r"] = config["runs"][changed]["r"] * 2
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     assert planned_jobs(finished) == sorted(
-        ["all"] + [f"{rule}[run={changed}]" for rule in ("evaluate", "merge", "report_run", "train")])
+        ["all", "report_sweep"] + [f"{rule}[run={changed}]" for rule in ("evaluate", "merge", "report_run", "train")])
     config_path.write_text(config_text)
 
 
