@@ -27,6 +27,21 @@ def _check_config():
             if value not in names[kind]:
                 raise ValueError(f"run '{run_name}': unknown {kind} '{value}' "
                                  f"(configured: {', '.join(names[kind])})")
+        if run.get("hub") and run["hub"]["what"] == "merged" and not run["merge"]:
+            raise ValueError(f"run '{run_name}': hub.what is 'merged' but merge is false")
+    _check_hub_token()
+
+
+def _check_hub_token():
+    """Fail before any job when an upload is configured and no token could authorize it."""
+    uploading = [name for name, run in config["runs"].items() if run.get("hub")]
+    if not uploading:
+        return
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        raise ValueError(f"run(s) {', '.join(uploading)} upload to the Hugging Face Hub, but no token is available: "
+                         "set HF_TOKEN or run `huggingface-cli login` (a token is never read from the config)")
 
 
 _merge_run_defaults()
@@ -89,6 +104,23 @@ def chat_template_flag(model):
     return f"--chat-template {shlex.quote(template)}" if template else ""
 
 
+def dataset_stats_files(run_name):
+    return [f"results/data/{dataset}.stats.json" for dataset in RUNS[run_name]["datasets"]]
+
+
+def card_flags(run_name, kind):
+    """Model card inputs that are not files: base model, settings, license, where it will be published."""
+    run = RUNS[run_name]
+    hub = run.get("hub") or {}
+    flags = [f"--base-model {shlex.quote(base_model_path(run['base_model']))}",
+             f"--settings {shlex.quote(json.dumps(run, sort_keys=True))}"]
+    if config["model_card"].get("license"):
+        flags.append(f"--license {shlex.quote(config['model_card']['license'])}")
+    if hub.get("what") == kind:
+        flags.append(f"--repo-id {shlex.quote(hub['repo_id'])}")
+    return " ".join(flags)
+
+
 def cli_flags(settings, keys):
     """--flag value pairs for the given keys of a settings dict (booleans as bare flags)."""
     parts = []
@@ -129,5 +161,7 @@ def final_outputs():
     outputs = [f"results/data/{dataset}.stats.json" for dataset in config["datasets"]]
     for name in RUNS:
         outputs += [f"results/runs/{name}/eval.json", f"results/runs/{name}/report.html"]
+    outputs += [f"results/runs/{name}/adapter" for name in RUNS]
     outputs += [f"results/runs/{name}/merged" for name in merged_runs()]
+    outputs += [f"results/runs/{name}/upload.json" for name, run in RUNS.items() if run.get("hub")]
     return outputs + ["results/report/sweep.html"]

@@ -4,7 +4,7 @@
 
 rule evaluate:
     input:
-        adapter="results/runs/{run}/adapter",
+        adapter="results/runs/{run}/trained",
         shards=lambda wc: shards(wc.run),
         records=lambda wc: normalized_records(wc.run),
         model=lambda wc: base_model_input(RUNS[wc.run]["base_model"]),

@@ -11,7 +11,7 @@ rule train:
         script=f"{SCRIPTS}/train.py",
         common=COMMON_CODE,
     output:
-        adapter=directory("results/runs/{run}/adapter"),
+        adapter=directory("results/runs/{run}/trained"),
         metrics="results/runs/{run}/metrics.jsonl",
         summary="results/runs/{run}/train_summary.json",
         tensorboard=directory("results/runs/{run}/tensorboard"),

@@ -101,3 +101,27 @@ def test_changing_the_template_makes_new_shards_not_reused_ones(workdir):
     args = write_config(workdir, "base_models:\n  tiny-llama:\n    template: alpaca\n")
     after = {j for j in planned_jobs(workdir, *args) if j.startswith("tokenize[")}
     assert len(after) == 2 and not before & after
+
+
+def test_configured_upload_without_a_token_fails_before_any_job(workdir, tmp_path):
+    args = write_config(workdir, "runs:\n  r8-qv:\n    hub: {repo_id: me/r8-qv}\n")
+    no_token = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "empty-hf-home")}
+    result = snakemake(workdir, "-n", *args, check=False, env=no_token)
+    assert result.returncode != 0
+    assert "run(s) r8-qv upload to the Hugging Face Hub, but no token is available" in result.stdout + result.stderr
+    assert not (workdir / "results").exists()
+    jobs = planned_jobs(workdir, *args, env={"HF_TOKEN": "hf_x" * 8})
+    assert "upload[run=r8-qv]" in jobs and "upload[run=r16-all-linear]" not in jobs
+
+
+def test_merge_false_skips_the_merge(workdir):
+    jobs = planned_jobs(workdir, *write_config(workdir, "runs:\n  r8-qv:\n    merge: false\n"))
+    assert "merge[run=r16-all-linear]" in jobs and "merge[run=r8-qv]" not in jobs
+    assert "export_adapter[run=r8-qv]" in jobs
+
+
+def test_uploading_a_merged_model_needs_the_merge(workdir):
+    override = "runs:\n  r8-qv:\n    merge: false\n    hub: {repo_id: me/x, what: merged}\n"
+    result = snakemake(workdir, "-n", *write_config(workdir, override), check=False, env={"HF_TOKEN": "hf_x" * 8})
+    assert result.returncode != 0
+    assert "run 'r8-qv': hub.what is 'merged' but merge is false" in result.stdout + result.stderr

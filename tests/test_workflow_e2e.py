@@ -48,6 +48,9 @@ def test_every_run_has_a_loadable_adapter_better_than_base(finished):
 def test_every_run_has_a_merged_model_that_generates(finished):
     for run in runs_of(finished):
         merged = finished / "results/runs" / run / "merged"
+        for folder, library in ((merged, "transformers"), (merged.parent / "adapter", "peft")):
+            meta = yaml.safe_load((folder / "README.md").read_text().split("---\n")[1])
+            assert meta["library_name"] == library and meta["base_model"] == "results/base_models/tiny-llama"
         assert not (merged / "adapter_config.json").exists()
         tokenizer = AutoTokenizer.from_pretrained(merged)
         model = AutoModelForCausalLM.from_pretrained(merged)
@@ -66,7 +69,8 @@ def test_incremental_reruns(finished):
     record = {"instruction": "What is the first word?", "input": "lemon kiwi", "output": "lemon"}
     data.write_bytes(original + (json.dumps(record) + "\n").encode())
     runs = sorted(runs_of(finished))
-    per_run = [f"{rule}[run={run}]" for run in runs for rule in ("evaluate", "merge", "report_run", "train")]
+    per_run = [f"{rule}[run={run}]" for run in runs
+               for rule in ("evaluate", "export_adapter", "merge", "report_run", "train")]
     jobs = planned_jobs(finished)
     tokenize = [j for j in jobs if j.startswith("tokenize[")]
     assert len(tokenize) == 1 and "dataset=word_tasks" in tokenize[0]
@@ -82,7 +86,8 @@ def test_incremental_reruns(finished):
     config["runs"][changed]["r"] = config["runs"][changed]["r"] * 2
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     assert planned_jobs(finished) == sorted(
-        ["all", "report_sweep"] + [f"{rule}[run={changed}]" for rule in ("evaluate", "merge", "report_run", "train")])
+        ["all", "report_sweep"] + [f"{rule}[run={changed}]"
+                                   for rule in ("evaluate", "export_adapter", "merge", "report_run", "train")])
     config_path.write_text(config_text)
 
 
@@ -110,3 +115,26 @@ def test_snakemake_report_contains_every_run(finished):
     import zipfile
     names = zipfile.ZipFile(finished / "report.zip").namelist()
     assert sum(n.endswith("/report.html") and "/raw/" in n for n in names) == len(runs_of(finished))
+
+
+def test_uploads_leak_no_token_anywhere(tmp_path):
+    """With a (fake) token set and an upload configured, run the workflow against a
+    Hub endpoint where nothing listens: the upload fails, nothing records it, and
+    the token appears in no file the workflow wrote, logs included."""
+    import socket
+    from workflow import copy_workflow
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = copy_workflow(tmp_path / "wf")
+    (workdir / "leak.yaml").write_text("run_defaults:\n  max_steps: 30\n  eval_every: 0\n"
+                                       "runs:\n  r8-qv:\n    hub: {repo_id: me/r8-qv, what: merged}\n")
+    token = "hf_LeakCanary0123456789abcdefGHIJKL"
+    env = {"HF_TOKEN": token, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0"}
+    result = snakemake(workdir, "--cores", "2", "--keep-going", "--configfile", "leak.yaml", check=False, env=env)
+    assert result.returncode != 0 and "upload of results/runs/r8-qv/merged to me/r8-qv failed" in result.stdout + result.stderr
+    assert token not in result.stdout + result.stderr
+    assert (workdir / "results/runs/r8-qv/merged/README.md").exists() and not (workdir / "results/runs/r8-qv/upload.json").exists()
+    written = [p for p in workdir.rglob("*") if p.is_file()]
+    assert len(written) > 50
+    assert [str(p) for p in written if token.encode() in p.read_bytes()] == []

@@ -21,9 +21,9 @@ def copy_workflow(dest):
     return dest
 
 
-def snakemake(workdir, *args, check=True, timeout=600):
+def snakemake(workdir, *args, check=True, timeout=600, env=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -31,9 +31,9 @@ def snakemake(workdir, *args, check=True, timeout=600):
     return result
 
 
-def planned_jobs(workdir, *args):
+def planned_jobs(workdir, *args, env=None):
     """Sorted 'rule' or 'rule[wildcards]' names of the jobs a dry run would run."""
-    output = snakemake(workdir, "-n", *args).stdout
+    output = snakemake(workdir, "-n", *args, env=env).stdout
     jobs, rule = [], None
     for line in output.splitlines():
         match = re.match(r"^(?:local)?rule (\w+):$", line)

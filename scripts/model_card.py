@@ -1,0 +1,104 @@
+"""Write a model card (README.md with YAML metadata) into an adapter or merged
+model folder, from the run's own files: its settings, training summary,
+evaluation and dataset stats. With --copy-from, the folder is first filled with
+a copy of another (the trained adapter), so the published folder is complete.
+
+    python scripts/model_card.py --kind adapter --copy-from results/runs/r8/trained \
+        --folder results/runs/r8/adapter --run-name r8 --base-model meta-llama/Llama-3.2-1B \
+        --settings '{"method": "lora", ...}' --summary results/runs/r8/train_summary.json \
+        --eval-json results/runs/r8/eval.json --stats results/data/*.stats.json --license apache-2.0
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+SETTINGS_SHOWN = ["method", "r", "alpha", "dropout", "target_modules", "use_rslora", "optimizer", "learning_rate",
+                  "lr_scheduler", "warmup_ratio", "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum",
+                  "max_length", "precision", "seed"]
+
+
+def metadata(kind, base_model, settings, datasets, license_id):
+    meta = {
+        "base_model": base_model,
+        "library_name": "peft" if kind == "adapter" else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": list(dict.fromkeys([settings.get("method", "lora"), "lora", "peft", "snakemake"]
+                                   + (["merged"] if kind == "merged" else []))),
+        "datasets": datasets,
+    }
+    if license_id:
+        meta["license"] = license_id
+    return meta
+
+
+def usage(kind, base_model, repo_hint):
+    if kind == "adapter":
+        return (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f"base = AutoModelForCausalLM.from_pretrained({base_model!r})\n"
+                f"model = PeftModel.from_pretrained(base, {repo_hint!r})\n"
+                f"tokenizer = AutoTokenizer.from_pretrained({repo_hint!r})")
+    return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained({repo_hint!r})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({repo_hint!r})")
+
+
+def number(value):
+    return f"{value:.4g}" if isinstance(value, float) else ("–" if value is None else str(value))
+
+
+def render(kind, run_name, base_model, settings, summary, evaluation, stats, license_id=None, repo_hint="."):
+    datasets = [Path(s["file"]).stem for s in stats]
+    front = yaml.safe_dump(metadata(kind, base_model, settings, datasets, license_id), sort_keys=False).strip()
+    what = "LoRA adapter" if kind == "adapter" else "model with the LoRA adapter merged into its base weights"
+    lines = [
+        f"---\n{front}\n---\n",
+        f"# {run_name}\n",
+        f"A {settings.get('method', 'lora')} {what}, fine-tuned from `{base_model}` by the run `{run_name}` "
+        f"of a Snakemake fine-tuning workflow.\n",
+        "## Evaluation\n",
+        f"On {evaluation['eval_records']} held-out records ({evaluation['eval_tokens']} answer tokens):\n",
+        "| metric | base model | fine-tuned |", "|---|---|---|",
+    ]
+    for metric in ("loss", "perplexity", "exact_match", "rouge_l", "bleu", "chrf"):
+        lines.append(f"| {metric} | {number(evaluation['base'].get(metric))} | "
+                     f"{number(evaluation['tuned'].get(metric))} |")
+    lines += ["", "## Training\n", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | {settings[key]} |" for key in SETTINGS_SHOWN if key in settings]
+    lines += [f"| trainable parameters | {summary['trainable_parameters']:,} of {summary['total_parameters']:,} |",
+              f"| optimizer steps | {summary['steps']} |",
+              f"| wall time | {summary['wall_time_s']:.1f} s on {summary['processes']} process(es) |", ""]
+    lines += ["## Data\n", "| dataset | records | rejected | duplicates |", "|---|---|---|---|"]
+    lines += [f"| {Path(s['file']).name} | {s['records']} | {s['rejected']} | {s['duplicates']} |" for s in stats]
+    lines += ["", "## Usage\n", "```python", usage(kind, base_model, repo_hint), "```", ""]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=("adapter", "merged"), required=True)
+    parser.add_argument("--folder", type=Path, required=True, help="the folder that gets README.md")
+    parser.add_argument("--copy-from", type=Path, default=None, help="fill --folder with a copy of this folder first")
+    parser.add_argument("--run-name", required=True)
+    parser.add_argument("--base-model", required=True)
+    parser.add_argument("--settings", type=json.loads, required=True, help="the run's settings as JSON")
+    parser.add_argument("--summary", type=Path, required=True)
+    parser.add_argument("--eval-json", type=Path, required=True)
+    parser.add_argument("--stats", type=Path, nargs="+", required=True)
+    parser.add_argument("--license", default=None)
+    parser.add_argument("--repo-id", default=None, help="where it will be published (for the usage snippet)")
+    args = parser.parse_args()
+    if args.copy_from:
+        shutil.rmtree(args.folder, ignore_errors=True)
+        shutil.copytree(args.copy_from, args.folder)
+    card = render(args.kind, args.run_name, args.base_model, args.settings, json.loads(args.summary.read_text()),
+                  json.loads(args.eval_json.read_text()), [json.loads(p.read_text()) for p in args.stats],
+                  args.license, args.repo_id or str(args.folder))
+    (args.folder / "README.md").write_text(card, encoding="utf-8")
+    print(f"model card written to {args.folder / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
