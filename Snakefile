@@ -22,6 +22,10 @@ wildcard_constraints:
     key="[A-Za-z0-9_.-]+",
 
 
+localrules:
+    all,
+
+
 rule all:
     input:
         final_outputs(),

@@ -1,0 +1,91 @@
+"""The default workflow, every job submitted to a real SLURM controller through
+snakemake-executor-plugin-slurm with a profile derived from profiles/slurm."""
+import json
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO
+from slurm_cluster import Cluster, unavailable_reason
+from workflow import copy_workflow, snakemake
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+reason = unavailable_reason()
+if reason:
+    pytest.skip(f"no SLURM here: {reason}", allow_module_level=True)
+pytest.importorskip("snakemake_executor_plugin_slurm", reason="snakemake-executor-plugin-slurm is not installed")
+
+SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def make_test_profile(workdir):
+    """profiles/slurm, adapted to the test cluster: its partition, no accounts, and
+    squeue for status (there is no slurmdbd here for sacct)."""
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    profile["default-resources"].update(slurm_partition="debug", mem_mb=1000, runtime=30, cpus_per_task=1)
+    profile["default-resources"].pop("slurm_account")
+    for rule, resources in profile["set-resources"].items():
+        resources.update(mem_mb=min(resources.get("mem_mb", 1000), 1500), runtime=30)
+        resources.pop("cpus_per_task", None)
+        if "cpus_per_gpu" in resources:
+            resources["cpus_per_gpu"] = 1
+    profile.update({"slurm-no-account": True, "slurm-status-command": "squeue", "jobs": 4, "latency-wait": 5,
+                    "slurm-init-seconds-before-status-checks": 2})
+    folder = workdir / "test-profile"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(profile))
+    return folder
+
+
+def train_jobs(output):
+    """Snakemake job id of each run's training job, from the job blocks Snakemake prints."""
+    found = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        if block.startswith("rule train:"):
+            run = re.search(r"wildcards: run=(\S+)", block).group(1)
+            found[run] = int(re.search(r"jobid: (\d+)", block).group(1))
+    return found
+
+
+def submissions(output):
+    return {int(job): int(slurm_id) for job, slurm_id in SUBMITTED.findall(output)}
+
+
+def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, cluster):
+    workdir = copy_workflow(tmp_path / "wf")
+    (workdir / "slurm.yaml").write_text("run_defaults:\n  max_steps: 40\n  eval_every: 0\n"
+                                        "runs:\n  r8-qv:\n    gpus: 1\n")
+    profile = make_test_profile(workdir)
+    args = ["--profile", str(profile), "--configfile", "slurm.yaml"]
+    planned = snakemake(workdir, "-n", *args, env=cluster.env).stdout
+    expected_jobs = len(re.findall(r"^rule (?!all:)\w+:$", planned, flags=re.M))
+
+    first = snakemake(workdir, *args, env=cluster.env, timeout=900)
+    output = first.stdout + first.stderr
+    jobs = submissions(output)
+    assert len(jobs) == expected_jobs, output[-3000:]
+    assert "localrule all:" in output, "only the target rule runs outside SLURM"
+    assert json.loads((workdir / "results/runs/r8-qv/eval.json").read_text())["tuned"]["loss"] > 0
+
+    train = {run: jobs[job] for run, job in train_jobs(output).items()}
+    assert "TresPerJob=gres:gpu:1" in cluster.scontrol_job(train["r8-qv"]), "gpus: 1 reached SLURM as one GPU"
+    assert "gres:gpu" not in cluster.scontrol_job(train["r16-all-linear"])
+
+    data = workdir / "data/word_tasks.jsonl"
+    data.write_text(data.read_text() + json.dumps({"instruction": "What is the first word?", "input": "kiwi lime",
+                                                   "output": "kiwi"}) + "\n")
+    stale = snakemake(workdir, "-n", *args, env=cluster.env).stdout
+    stale_jobs = len(re.findall(r"^rule (?!all:)\w+:$", stale, flags=re.M))
+    second = snakemake(workdir, *args, env=cluster.env, timeout=900)
+    resubmitted = submissions(second.stdout + second.stderr)
+    assert len(resubmitted) == stale_jobs < expected_jobs
+    assert "rule validate" in second.stdout + second.stderr and "rule build_tiny_model" not in second.stdout
