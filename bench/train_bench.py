@@ -53,7 +53,6 @@ def prepare(work, records):
 
 
 def trainer_arguments(args, out, **extra):
-    from transformers import TrainingArguments
     return dict(output_dir=str(out), per_device_train_batch_size=8, max_steps=args.steps, learning_rate=args.lr,
                 lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
                 seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, **extra)

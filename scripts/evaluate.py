@@ -18,20 +18,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from common import (DTYPES, encode_prompt, load_base_model, load_tokenizer, pad_batch, read_shards, reference_answer,
-                    resolve_precision, resolve_template)
-
-
-@torch.no_grad()
-def heldout_loss(model, examples, batch_size, pad_token_id):
-    """Mean loss per trained token, and the number of trained tokens."""
-    total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(model.device) for k, v in pad_batch(examples[start:start + batch_size], pad_token_id).items()}
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total_loss += model(**batch, num_items_in_batch=tokens).loss.item() * tokens
-        total_tokens += tokens
-    return total_loss / max(total_tokens, 1), total_tokens
+from common import (DTYPES, encode_prompt, load_base_model, load_tokenizer, mean_token_loss, read_shards,
+                    reference_answer, resolve_precision, resolve_template)
 
 
 @torch.no_grad()
@@ -115,8 +103,8 @@ def evaluate(args):
     if not examples:
         raise SystemExit(f"[{args.run_name}] no held-out records in {', '.join(map(str, args.shards))}")
     with model.disable_adapter():
-        base_loss, tokens = heldout_loss(model, examples, args.batch_size, tokenizer.pad_token_id)
-    tuned_loss, _ = heldout_loss(model, examples, args.batch_size, tokenizer.pad_token_id)
+        base_loss, tokens = mean_token_loss(model, examples, args.batch_size, tokenizer.pad_token_id)
+    tuned_loss, _ = mean_token_loss(model, examples, args.batch_size, tokenizer.pad_token_id)
 
     records = [("prompt", r) for r in prompt_records(args.prompts)]
     sample = heldout_records(args.records, [e["id"] for e in examples], args.num_samples)

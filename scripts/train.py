@@ -19,7 +19,6 @@ tokenizer) as one loop you can read top to bottom.
 """
 import argparse
 import contextlib
-import hashlib
 import importlib.util
 import json
 import math
@@ -30,22 +29,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
 from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
-from common import (DTYPES, IGNORE_INDEX, load_base_model, load_tokenizer, pad_batch, read_shards, resolve_precision,
-                    save_pretrained_atomically)
-
-# Settings that do not change what is learned: a checkpoint written under other values still resumes.
-NOT_FINGERPRINTED = {"adapter_dir", "metrics", "summary", "tensorboard_dir", "checkpoint_dir", "checkpoint_every",
-                     "log_every", "eval_every", "threads", "run_name", "shards"}
-
+from checkpoints import fingerprint, load_checkpoint, save_checkpoint
+from common import (DTYPES, IGNORE_INDEX, load_base_model, load_tokenizer, mean_token_loss, pad_batch, read_shards,
+                    resolve_precision, save_pretrained_atomically)
 
 # ---------------------------------------------------------------- checks and setup
 
@@ -163,87 +156,10 @@ def real_tokens(batch):
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
-@torch.no_grad()
-def evaluate_loss(model, examples, batch_size, pad_token_id, device):
-    """Mean loss per trained token over the examples."""
-    model.eval()
-    total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(examples[start:start + batch_size], pad_token_id).items()}
-        tokens = count_trained_tokens(batch)
-        total_loss += model(**batch, num_items_in_batch=tokens, use_cache=False).loss.item() * tokens
-        total_tokens += tokens
-    model.train()
-    return total_loss / max(total_tokens, 1)
-
-
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def fingerprint(args):
-    """Identity of what this run learns: its settings and the exact shard contents."""
-    digest = hashlib.sha256(json.dumps({k: str(v) for k, v in sorted(vars(args).items())
-                                        if k not in NOT_FINGERPRINTED}).encode())
-    for shard in args.shards:
-        with open(shard, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def trainable_state(model):
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(folder, model, optimizer, scheduler, step, run_fingerprint, history, elapsed):
-    partial = folder / "partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(trainable_state(model), partial / "trainable.safetensors")
-    allocator = getattr(model.base_model, "rankallocator", None)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rankallocator": allocator.__dict__ if allocator is not None else None,
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               partial / "state.pt")
-    (partial / "progress.json").write_text(json.dumps({"step": step, "fingerprint": run_fingerprint,
-                                                       "elapsed_s": elapsed, "history": history}))
-    shutil.rmtree(folder / "last", ignore_errors=True)
-    partial.rename(folder / "last")
-
-
-def load_checkpoint(folder, run_fingerprint, model, optimizer, scheduler, log):
-    """(step, history, elapsed) of a matching checkpoint after restoring it, else (0, [], 0)."""
-    progress_file = folder / "last" / "progress.json"
-    if not progress_file.exists():
-        return 0, [], 0.0
-    progress = json.loads(progress_file.read_text())
-    if progress["fingerprint"] != run_fingerprint:
-        log(f"checkpoint in {folder} is from other settings or data: starting over")
-        shutil.rmtree(folder / "last")
-        return 0, [], 0.0
-    trainable = load_file(folder / "last" / "trainable.safetensors")
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name in trainable:
-                parameter.copy_(trainable[name])
-    state = torch.load(folder / "last" / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if state["rankallocator"] is not None:
-        model.base_model.rankallocator.__dict__.update(state["rankallocator"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    log(f"resuming from the checkpoint at step {progress['step']}")
-    return progress["step"], progress["history"], progress["elapsed_s"]
 
 
 # ---------------------------------------------------------------- training
@@ -375,7 +291,9 @@ def train(args):
                 "elapsed_s": elapsed_before + now - start,
             }
             if eval_examples and (step == total_steps or (args.eval_every and step % args.eval_every == 0)):
-                row["eval_loss"] = evaluate_loss(model, eval_examples, args.batch_size, tokenizer.pad_token_id, device)
+                model.eval()
+                row["eval_loss"] = mean_token_loss(model, eval_examples, args.batch_size, tokenizer.pad_token_id)[0]
+                model.train()
             history.append(row)
             if main:
                 record(row)

@@ -1,5 +1,4 @@
 """Export: merged models equal to base+adapter, model cards from the run's files, and uploads."""
-import json
 import os
 import socket
 import subprocess
