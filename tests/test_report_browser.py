@@ -17,6 +17,7 @@ if not (CHROMIUM and CHROMEDRIVER):
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
@@ -40,6 +41,19 @@ def runs_of(workdir):
     return list(yaml.safe_load((workdir / "config" / "config.yaml").read_text())["runs"])
 
 
+def click(driver, locator, timeout=30):
+    """Click an element once it can take the click (the report's menus animate in)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            WebDriverWait(driver, timeout).until(expected_conditions.element_to_be_clickable(locator)).click()
+            return
+        except (ElementClickInterceptedException, StaleElementReferenceException):
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+
+
 def visible_text(driver):
     return driver.find_element(By.TAG_NAME, "body").text
 
@@ -48,10 +62,8 @@ def test_snakemake_report_shows_the_sweep_table_and_every_run(finished, browser,
     snakemake(finished, "--report", "report.html")
     browser.get((finished / "report.html").as_uri())
     wait = WebDriverWait(browser, 30)
-    wait.until(expected_conditions.element_to_be_clickable((By.XPATH, "//*[text()='Sweep']"))).click()
-    row = wait.until(expected_conditions.presence_of_element_located(
-        (By.XPATH, "//tr[td[normalize-space()='sweep table']]")))
-    row.find_element(By.XPATH, ".//a[@iconname='eye']").click()
+    click(browser, (By.XPATH, "//*[text()='Sweep']"))
+    click(browser, (By.XPATH, "//tr[td[normalize-space()='sweep table']]//a[@iconname='eye']"))
     wait.until(expected_conditions.frame_to_be_available_and_switch_to_it((By.TAG_NAME, "iframe")))
     table = wait.until(expected_conditions.visibility_of_element_located((By.ID, "sweep")))
     assert table.is_displayed()
@@ -60,8 +72,8 @@ def test_snakemake_report_shows_the_sweep_table_and_every_run(finished, browser,
     browser.save_screenshot(str(tmp_path / "sweep.png"))
 
     browser.switch_to.default_content()
-    browser.find_element(By.XPATH, "//a[.//*[text()='Results'] or text()='Results']").click()
-    wait.until(expected_conditions.element_to_be_clickable((By.XPATH, "//*[text()='Runs']"))).click()
+    click(browser, (By.XPATH, "//a[.//*[text()='Results'] or text()='Results']"))
+    click(browser, (By.XPATH, "//*[text()='Runs']"))
     time.sleep(0.5)
     text = visible_text(browser)
     for run in runs_of(finished):
