@@ -192,13 +192,18 @@ def pad_batch(examples, pad_token_id):
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def count_trained_tokens(batch):
+    """Tokens that are targets of the loss (labels shift left by one)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
 def mean_token_loss(model, examples, batch_size, pad_token_id):
     """Mean loss per trained token over the examples, and the number of trained tokens."""
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(model.device) for k, v in pad_batch(examples[start:start + batch_size], pad_token_id).items()}
-        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        tokens = count_trained_tokens(batch)
         total_loss += model(**batch, num_items_in_batch=tokens, use_cache=False).loss.item() * tokens
         total_tokens += tokens
     return total_loss / max(total_tokens, 1), total_tokens

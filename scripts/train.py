@@ -37,8 +37,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
 from checkpoints import fingerprint, load_checkpoint, save_checkpoint
-from common import (DTYPES, IGNORE_INDEX, load_base_model, load_tokenizer, mean_token_loss, pad_batch, read_shards,
-                    resolve_precision, save_pretrained_atomically)
+from common import (DTYPES, IGNORE_INDEX, count_trained_tokens, load_base_model, load_tokenizer, mean_token_loss,
+                    pad_batch, read_shards, resolve_precision, save_pretrained_atomically)
 
 # ---------------------------------------------------------------- checks and setup
 
@@ -146,10 +146,6 @@ def pack_batch(examples):
         position_ids += range(len(example["input_ids"]))
     return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([position_ids])}
-
-
-def count_trained_tokens(batch):
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def real_tokens(batch):
@@ -262,8 +258,9 @@ def train(args):
                 loss = model(**batch, num_items_in_batch=step_tokens, use_cache=False).loss * accelerator.num_processes
                 accelerator.backward(loss)
             step_loss += loss.item() / accelerator.num_processes
-            interval_tokens += real_tokens(batch)
-            tokens_seen += real_tokens(batch)
+            batch_tokens = real_tokens(batch)
+            interval_tokens += batch_tokens
+            tokens_seen += batch_tokens
         step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), reduction="sum").item()
         if not math.isfinite(step_loss):
             sys.exit(f"[{args.run_name}] loss is {step_loss} at step {step}: training diverged. Usual causes: "

@@ -7,7 +7,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import train
-from common import load_base_model, pad_batch, read_shards
+from common import count_trained_tokens, load_base_model, pad_batch, read_shards
 
 
 def run_train(tmp_path, tiny_model, shards, *extra, name="run"):
@@ -81,8 +81,8 @@ def test_packed_batch_gives_the_same_per_token_loss_as_padded_records(tiny_model
     model = load_base_model(tiny_model).eval()
     padded = pad_batch(examples, pad_token_id=0)
     packed = train.pack_batch(examples)
-    tokens = train.count_trained_tokens(padded)
-    assert train.count_trained_tokens(packed) == tokens
+    tokens = count_trained_tokens(padded)
+    assert count_trained_tokens(packed) == tokens
     assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
     with torch.no_grad():
         padded_loss = model(**padded, num_items_in_batch=tokens, use_cache=False).loss
@@ -101,9 +101,13 @@ def test_packed_training_runs_and_reports_it(tmp_path, tiny_model, shards):
 
 
 def test_tensorboard_events_are_written(tmp_path, tiny_model, shards):
-    out = run_train(tmp_path, tiny_model, shards, "--max-steps", "5", "--tensorboard-dir", str(tmp_path / "tb"))
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    assert out.exists()
+    out = run_train(tmp_path, tiny_model, shards, "--max-steps", "10", "--log-every", "5",
+                    "--tensorboard-dir", str(tmp_path / "tb"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert losses == [(r["step"], pytest.approx(r["loss"], rel=1e-5)) for r in metrics_of(out)]
 
 
 def test_8bit_adamw_trains_on_cpu(tmp_path, tiny_model, shards):
