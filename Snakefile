@@ -1,6 +1,6 @@
 # LoRA fine-tuning as a Snakemake workflow:
 #   data/*.jsonl -> validate -> tokenize -> train (one job per run) -> evaluate,
-#   report -> merge.  See README.md.
+#   report -> export, merge, upload.  See README.md.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -12,14 +12,16 @@ configfile: "config/config.yaml"
 report: "rules/captions/workflow.rst"
 
 
-include: "rules/common.smk"
+include: "rules/config.smk"
+include: "rules/scripts.smk"
+include: "rules/paths.smk"
 
 
 wildcard_constraints:
     run="|".join(RUNS),
     dataset="|".join(config["datasets"]),
     model="|".join(config["base_models"]),
-    key="[A-Za-z0-9_.-]+",
+    tokenization="[A-Za-z0-9_.-]+",
 
 
 localrules:

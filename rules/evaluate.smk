@@ -4,23 +4,19 @@
 
 rule evaluate:
     input:
-        adapter="results/runs/{run}/trained",
+        trained="results/runs/{run}/trained",
         shards=lambda wc: shards(wc.run),
         records=lambda wc: normalized_records(wc.run),
-        model=lambda wc: base_model_input(RUNS[wc.run]["base_model"]),
-        script=f"{SCRIPTS}/evaluate.py",
-        common=COMMON_CODE,
+        model=lambda wc: base_model_files(RUNS[wc.run]["base_model"]),
+        script=script("evaluate"),
+        modules=imported_modules("evaluate"),
     output:
         eval_json="results/runs/{run}/eval.json",
         generations="results/runs/{run}/generations.jsonl",
     params:
         base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
-        template=lambda wc: config["base_models"][RUNS[wc.run]["base_model"]]["template"],
-        gpu_pool=GPU_POOL,
-        prompts=shlex.quote(json.dumps(config["eval"]["prompts"], sort_keys=True)),
-        settings=cli_flags(
-            config["eval"], ["num_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "seed"]
-        ),
+        settings=lambda wc: script_flags("evaluate", run=RUNS[wc.run]),
+        gpu_pool=script("gpu_pool"),
     threads: 2
     resources:
         gpu=lambda wc: min(RUNS[wc.run]["gpus"], 1),
@@ -31,8 +27,7 @@ rule evaluate:
     shell:
         "python {params.gpu_pool} --gpus {resources.gpu} --"
         " python {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
-        " --adapter-dir {input.adapter} --shards {input.shards} --records {input.records}"
-        " --template {params.template} --prompts {params.prompts} {params.settings}"
+        " --adapter-dir {input.trained} --shards {input.shards} --records {input.records} {params.settings}"
         " --eval-json {output.eval_json} --generations {output.generations} --threads {threads} > {log} 2>&1"
 
 
@@ -42,7 +37,8 @@ rule report_run:
         summary="results/runs/{run}/train_summary.json",
         eval_json="results/runs/{run}/eval.json",
         generations="results/runs/{run}/generations.jsonl",
-        script=f"{SCRIPTS}/report_run.py",
+        script=script("report_run"),
+        modules=imported_modules("report_run"),
     output:
         plot=report(
             "results/runs/{run}/loss_curve.png",
@@ -75,7 +71,8 @@ rule report_sweep:
         summaries=expand("results/runs/{run}/train_summary.json", run=RUNS),
         evaluations=expand("results/runs/{run}/eval.json", run=RUNS),
         metrics=expand("results/runs/{run}/metrics.jsonl", run=RUNS),
-        script=f"{SCRIPTS}/report_sweep.py",
+        script=script("report_sweep"),
+        modules=imported_modules("report_sweep"),
     output:
         csv=report(
             "results/report/sweep.csv",

@@ -9,7 +9,8 @@ rule export_adapter:
         summary="results/runs/{run}/train_summary.json",
         eval_json="results/runs/{run}/eval.json",
         stats=lambda wc: dataset_stats_files(wc.run),
-        script=f"{SCRIPTS}/model_card.py",
+        script=script("model_card"),
+        modules=imported_modules("model_card"),
     output:
         directory("results/runs/{run}/adapter"),
     params:
@@ -27,18 +28,19 @@ rule export_adapter:
 rule merge:
     input:
         trained="results/runs/{run}/trained",
-        model=lambda wc: base_model_input(RUNS[wc.run]["base_model"]),
+        model=lambda wc: base_model_files(RUNS[wc.run]["base_model"]),
         summary="results/runs/{run}/train_summary.json",
         eval_json="results/runs/{run}/eval.json",
         stats=lambda wc: dataset_stats_files(wc.run),
-        script=f"{SCRIPTS}/merge.py",
-        card_script=f"{SCRIPTS}/model_card.py",
-        common=COMMON_CODE,
+        script=script("merge"),
+        modules=imported_modules("merge"),
+        card_script=script("model_card"),
+        card_modules=imported_modules("model_card"),
     output:
         directory("results/runs/{run}/merged"),
     params:
         base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
-        dtype=lambda wc: RUNS[wc.run]["merge_dtype"],
+        settings=lambda wc: script_flags("merge", run=RUNS[wc.run]),
         card=lambda wc: card_flags(wc.run, "merged"),
     threads: 2
     log:
@@ -47,7 +49,7 @@ rule merge:
         "../envs/finetune.yaml"
     shell:
         "(python {input.script} --base-model {params.base_model} --adapter-dir {input.trained}"
-        " --output-dir {output} --dtype {params.dtype} --threads {threads}"
+        " --output-dir {output} {params.settings} --threads {threads}"
         " && python {input.card_script} --kind merged --folder {output} --run-name {wildcards.run}"
         " --summary {input.summary} --eval-json {input.eval_json} --stats {input.stats} {params.card}) > {log} 2>&1"
 
@@ -55,17 +57,15 @@ rule merge:
 rule upload:
     input:
         folder=lambda wc: f"results/runs/{wc.run}/{RUNS[wc.run]['hub']['what']}",
-        script=f"{SCRIPTS}/upload.py",
+        script=script("upload"),
+        modules=imported_modules("upload"),
     output:
         "results/runs/{run}/upload.json",
     params:
-        repo_id=lambda wc: RUNS[wc.run]["hub"]["repo_id"],
-        revision=lambda wc: RUNS[wc.run]["hub"]["revision"],
-        private=lambda wc: "--private" if RUNS[wc.run]["hub"]["private"] else "",
+        settings=lambda wc: script_flags("upload", run=RUNS[wc.run]),
     log:
         "results/logs/upload/{run}.log",
     conda:
         "../envs/finetune.yaml"
     shell:
-        "python {input.script} --folder {input.folder} --repo-id {params.repo_id} --revision {params.revision}"
-        " {params.private} --output {output} 2>&1 | tee {log}"
+        "python {input.script} --folder {input.folder} {params.settings} --output {output} 2>&1 | tee {log}"

@@ -13,7 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from common import save_pretrained_atomically
+from outputs import save_pretrained_atomically
+from settings import add_settings, check_settings
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -89,31 +90,27 @@ def build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads, int
 
 
 def build_tiny_model(corpus_files, output_dir, vocab_size=1024, hidden_size=128, num_layers=2,
-                     num_heads=4, num_kv_heads=2, intermediate_size=None, initializer_range=0.1, seed=0):
+                     num_heads=4, num_kv_heads=2, intermediate_size=0, initializer_range=0.1, seed=0):
     tokenizer = train_tokenizer(corpus_files, vocab_size)
     model = build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads,
                         intermediate_size or 4 * hidden_size, initializer_range, seed)
     return save_pretrained_atomically(output_dir, model, tokenizer)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, nargs="+", required=True, help="text files to train the tokenizer on")
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--num-kv-heads", type=int, default=2)
-    parser.add_argument("--intermediate-size", type=int, default=None)
-    parser.add_argument("--initializer-range", type=float, default=0.1,
-                        help="std of the random weights; with Llama's 0.02 a frozen random lm_head gives nearly "
-                             "flat logits that no adapter can sharpen")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    add_settings(parser, "build_tiny_model")
+    args = check_settings(parser.parse_args(argv), "build_tiny_model")
     for path in args.corpus:
         if not path.is_file():
             parser.error(f"corpus file not found: {path}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     build_tiny_model(args.corpus, args.output, args.vocab_size, args.hidden_size, args.num_layers,
                      args.num_heads, args.num_kv_heads, args.intermediate_size, args.initializer_range, args.seed)
     print(f"tiny model written to {args.output}")

@@ -10,15 +10,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-# Settings that do not change what is learned: a checkpoint written under other values still resumes.
-NOT_FINGERPRINTED = {"adapter_dir", "metrics", "summary", "tensorboard_dir", "checkpoint_dir", "checkpoint_every",
-                     "log_every", "eval_every", "threads", "run_name", "shards"}
+from outputs import atomic_path
+from settings import script_settings
+
+# Training settings that do not change what is learned: a checkpoint written under other values still resumes.
+NOT_LEARNED = {"checkpoint_every", "log_every", "eval_every"}
 
 
 def fingerprint(args):
-    """Identity of what this run learns: its settings and the exact shard contents."""
-    digest = hashlib.sha256(json.dumps({k: str(v) for k, v in sorted(vars(args).items())
-                                        if k not in NOT_FINGERPRINTED}).encode())
+    """Identity of what this run learns: the base model, every training setting
+    that shapes learning, and the exact shard contents."""
+    learned = {name: getattr(args, name) for name in script_settings("train") if name not in NOT_LEARNED}
+    digest = hashlib.sha256(json.dumps({"base_model": str(args.base_model), **learned}, sort_keys=True).encode())
     for shard in args.shards:
         with open(shard, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -31,20 +34,18 @@ def trainable_state(model):
 
 
 def save_checkpoint(folder, model, optimizer, scheduler, step, run_fingerprint, history, elapsed):
-    partial = folder / "partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(trainable_state(model), partial / "trainable.safetensors")
-    allocator = getattr(model.base_model, "rankallocator", None)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rankallocator": allocator.__dict__ if allocator is not None else None,
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               partial / "state.pt")
-    (partial / "progress.json").write_text(json.dumps({"step": step, "fingerprint": run_fingerprint,
-                                                       "elapsed_s": elapsed, "history": history}))
-    shutil.rmtree(folder / "last", ignore_errors=True)
-    partial.rename(folder / "last")
+    with atomic_path(folder / "last") as partial:
+        partial.mkdir()
+        save_file(trainable_state(model), partial / "trainable.safetensors")
+        allocator = getattr(model.base_model, "rankallocator", None)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rankallocator": allocator.__dict__ if allocator is not None else None,
+                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                            "torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                   partial / "state.pt")
+        (partial / "progress.json").write_text(json.dumps({"step": step, "fingerprint": run_fingerprint,
+                                                           "elapsed_s": elapsed, "history": history}))
 
 
 def load_checkpoint(folder, run_fingerprint, model, optimizer, scheduler, log):

@@ -2,11 +2,13 @@
 tokenizations (token-length percentiles, truncation counts) into one file.
 
     python scripts/dataset_stats.py --validation results/data/foo.validation.json \
-        --tokenized results/tokens/KEY/foo.stats.json --output results/data/foo.stats.json
+        --tokenized results/tokens/TOKENIZATION/foo.stats.json --output results/data/foo.stats.json
 """
 import argparse
 import json
 from pathlib import Path
+
+from outputs import write_json
 
 
 def combine(validation_path, tokenized_paths):
@@ -18,10 +20,10 @@ def combine(validation_path, tokenized_paths):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--validation", type=Path, required=True)
-    parser.add_argument("--tokenized", type=Path, nargs="*", default=[], help="tokens/{key}/{dataset}.stats.json")
+    parser.add_argument("--tokenized", type=Path, nargs="*", default=[], help="tokens/{tokenization}/{dataset}.stats.json")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
-    args.output.write_text(json.dumps(combine(args.validation, args.tokenized), indent=2) + "\n")
+    write_json(args.output, combine(args.validation, args.tokenized))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 (safetensors, config, generation config, tokenizer) that loads with
 `AutoModelForCausalLM.from_pretrained` and needs no peft.
 
-The base is loaded unquantized in --dtype: merging into quantized weights
+The base is loaded unquantized in --merge-dtype: merging into quantized weights
 loses quality, so even QLoRA adapters are merged into a full-precision base.
 
     python scripts/merge.py --base-model results/base_models/tiny-llama \
-        --adapter-dir results/runs/r8/adapter --output-dir results/runs/r8/merged --dtype fp32
+        --adapter-dir results/runs/r8/trained --output-dir results/runs/r8/merged --merge-dtype fp32
 """
 import argparse
 from pathlib import Path
@@ -14,27 +14,34 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from common import DTYPES, load_base_model, load_tokenizer, save_pretrained_atomically
+from models import DTYPES, load_base_model
+from outputs import save_pretrained_atomically
+from prompts import load_tokenizer
+from settings import add_settings, check_settings
 
 
-def merge(base_model, adapter_dir, output_dir, dtype="fp32"):
-    model = PeftModel.from_pretrained(load_base_model(base_model, dtype=DTYPES[dtype]), adapter_dir)
+def merge(base_model, adapter_dir, output_dir, merge_dtype="fp32"):
+    model = PeftModel.from_pretrained(load_base_model(base_model, dtype=DTYPES[merge_dtype]), adapter_dir)
     merged = model.merge_and_unload()
     tokenizer = load_tokenizer(adapter_dir)
     return save_pretrained_atomically(output_dir, merged, tokenizer)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-model", required=True)
-    parser.add_argument("--adapter-dir", type=Path, required=True)
+    parser.add_argument("--base-model", required=True, help="local path or Hub id")
+    parser.add_argument("--adapter-dir", type=Path, required=True, help="the trained adapter")
     parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    add_settings(parser, "merge")
+    return check_settings(parser.parse_args(argv), "merge")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    merge(args.base_model, args.adapter_dir, args.output_dir, args.dtype)
+    merge(args.base_model, args.adapter_dir, args.output_dir, args.merge_dtype)
     print(f"merged model written to {args.output_dir}")
 
 

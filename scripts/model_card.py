@@ -15,9 +15,14 @@ from pathlib import Path
 
 import yaml
 
-SETTINGS_SHOWN = ["method", "r", "alpha", "dropout", "target_modules", "use_rslora", "optimizer", "learning_rate",
-                  "lr_scheduler", "warmup_ratio", "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum",
-                  "max_length", "precision", "seed"]
+from outputs import atomic_path
+from settings import add_settings, check_settings, script_settings
+
+
+def training_settings(settings):
+    """The run's settings that shape what was learned: those tokenization and training receive."""
+    received = {**script_settings("tokenize_data"), **script_settings("train")}
+    return [(name, settings[name]) for name, (section, _) in received.items() if section == "run" and name in settings]
 
 
 def metadata(kind, base_model, settings, datasets, license_id):
@@ -66,7 +71,7 @@ def render(kind, run_name, base_model, settings, summary, evaluation, stats, lic
         lines.append(f"| {metric} | {number(evaluation['base'].get(metric))} | "
                      f"{number(evaluation['tuned'].get(metric))} |")
     lines += ["", "## Training\n", "| setting | value |", "|---|---|"]
-    lines += [f"| {key} | {settings[key]} |" for key in SETTINGS_SHOWN if key in settings]
+    lines += [f"| {key} | {value} |" for key, value in training_settings(settings)]
     lines += [f"| trainable parameters | {summary['trainable_parameters']:,} of {summary['total_parameters']:,} |",
               f"| optimizer steps | {summary['steps']} |",
               f"| wall time | {summary['wall_time_s']:.1f} s on {summary['processes']} process(es) |", ""]
@@ -76,7 +81,7 @@ def render(kind, run_name, base_model, settings, summary, evaluation, stats, lic
     return "\n".join(lines)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=("adapter", "merged"), required=True)
     parser.add_argument("--folder", type=Path, required=True, help="the folder that gets README.md")
@@ -87,16 +92,22 @@ def main():
     parser.add_argument("--summary", type=Path, required=True)
     parser.add_argument("--eval-json", type=Path, required=True)
     parser.add_argument("--stats", type=Path, nargs="+", required=True)
-    parser.add_argument("--license", default=None)
     parser.add_argument("--repo-id", default=None, help="where it will be published (for the usage snippet)")
-    args = parser.parse_args()
-    if args.copy_from:
-        shutil.rmtree(args.folder, ignore_errors=True)
-        shutil.copytree(args.copy_from, args.folder)
+    add_settings(parser, "model_card")
+    return check_settings(parser.parse_args(argv), "model_card")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     card = render(args.kind, args.run_name, args.base_model, args.settings, json.loads(args.summary.read_text()),
                   json.loads(args.eval_json.read_text()), [json.loads(p.read_text()) for p in args.stats],
                   args.license, args.repo_id or str(args.folder))
-    (args.folder / "README.md").write_text(card, encoding="utf-8")
+    if args.copy_from:
+        with atomic_path(args.folder) as partial:
+            shutil.copytree(args.copy_from, partial)
+            (partial / "README.md").write_text(card, encoding="utf-8")
+    else:
+        (args.folder / "README.md").write_text(card, encoding="utf-8")
     print(f"model card written to {args.folder / 'README.md'}")
 
 

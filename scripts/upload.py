@@ -9,10 +9,11 @@ never printed or written anywhere. On any failure nothing is recorded.
         --private --revision main --output results/runs/r8/upload.json
 """
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
+
+from outputs import write_json
+from settings import add_settings, check_settings
 
 
 class UploadError(Exception):
@@ -51,22 +52,22 @@ def upload(folder, repo_id, private, revision, api=None, commit_message=None):
     }
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, required=True)
-    parser.add_argument("--repo-id", required=True)
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--revision", default="main")
     parser.add_argument("--output", type=Path, required=True, help="upload.json")
-    args = parser.parse_args()
+    add_settings(parser, "upload")
+    return check_settings(parser.parse_args(argv), "upload")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         record = upload(args.folder, args.repo_id, args.private, args.revision)
     except UploadError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)
-    partial = args.output.with_name(args.output.name + ".partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, args.output)
+    write_json(args.output, record)
     print(f"uploaded {args.folder} to {record['url']} at commit {record['commit_id']}")
 
 

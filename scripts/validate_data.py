@@ -22,11 +22,13 @@ import argparse
 import collections
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import jsonschema
+
+from outputs import atomic_path, write_json
+from settings import add_settings, check_settings
 
 FORMATS = ("alpaca", "chat", "completion")
 FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "completion": ("text",)}
@@ -153,10 +155,7 @@ def validate_file(path, output, rejected, fmt="auto", on_error="fail", max_error
     seen, errors, reasons = set(), [], collections.Counter()
     stats = {"file": str(path), "format": fmt, "records_read": 0, "records": 0, "rejected": 0, "duplicates": 0,
              "duplicates_dropped": 0}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial_output = output.with_name(output.name + ".partial")
-    partial_rejected = rejected.with_name(rejected.name + ".partial")
-    try:
+    with atomic_path(output) as partial_output, atomic_path(rejected) as partial_rejected:
         with open(partial_output, "w", encoding="utf-8") as good, open(partial_rejected, "w", encoding="utf-8") as bad:
             for number, text, problem in read_lines(path):
                 stats["records_read"] += 1
@@ -183,12 +182,6 @@ def validate_file(path, output, rejected, fmt="auto", on_error="fail", max_error
                 good.write(json.dumps({**normalized, "line": number}, ensure_ascii=False) + "\n")
         stats.update(format=fmt, rejected=len(errors), rejected_by_reason=dict(reasons))
         check_usable(path, stats, errors, on_error, max_errors, max_rejected_fraction)
-    except BaseException:
-        partial_output.unlink(missing_ok=True)
-        partial_rejected.unlink(missing_ok=True)
-        raise
-    os.replace(partial_output, output)
-    os.replace(partial_rejected, rejected)
     return stats
 
 
@@ -207,26 +200,26 @@ def check_usable(path, stats, errors, on_error, max_errors, max_rejected_fractio
         raise DataError(f"{path}: no valid records")
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True, help="normalized records (JSONL)")
     parser.add_argument("--rejected", type=Path, required=True, help="bad records with their reasons (JSONL)")
     parser.add_argument("--stats", type=Path, required=True)
-    parser.add_argument("--format", choices=("auto", *FORMATS), default="auto")
-    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail")
-    parser.add_argument("--max-errors", type=int, default=20, help="problems to report before stopping")
-    parser.add_argument("--max-rejected-fraction", type=float, default=0.1, help="with --on-error skip")
-    parser.add_argument("--drop-duplicates", action="store_true")
-    parser.add_argument("--schema-dir", type=Path, default=SCHEMA_DIR)
-    args = parser.parse_args()
+    parser.add_argument("--schema-dir", type=Path, default=SCHEMA_DIR, help="one JSON Schema per record format")
+    add_settings(parser, "validate_data")
+    return check_settings(parser.parse_args(argv), "validate_data")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         stats = validate_file(args.input, args.output, args.rejected, args.format, args.on_error, args.max_errors,
                               args.max_rejected_fraction, args.drop_duplicates, args.schema_dir)
     except DataError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)
-    args.stats.write_text(json.dumps(stats, indent=2) + "\n")
+    write_json(args.stats, stats)
     print(f"{args.input}: {stats['records']} {stats['format']} records, {stats['rejected']} rejected, "
           f"{stats['duplicates']} duplicate(s) ({stats['duplicates_dropped']} dropped)")
 

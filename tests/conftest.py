@@ -23,7 +23,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
-    from common import load_tokenizer
+    from prompts import load_tokenizer
     return load_tokenizer(tiny_model)
 
 
@@ -63,7 +63,7 @@ def trained_run(tmp_path_factory, tiny_model, shards):
     """A short LoRA run on the tiny model; returns its output folder."""
     import train
     out = tmp_path_factory.mktemp("run")
-    train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--adapter-dir", str(out / "adapter"),
+    train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--output-dir", str(out / "trained"),
                 "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "train_summary.json"),
                 "--run-name", "test-run", "--r", "8", "--alpha", "16", "--learning-rate", "1e-2",
                 "--max-steps", str(TRAIN_STEPS), "--log-every", "10", "--eval-every", "30", "--precision", "fp32"])

@@ -6,7 +6,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evaluate
-from common import encode_prompt, load_tokenizer
+from generation import encode_prompt
+from prompts import load_tokenizer
 from merge import merge
 
 PROMPTS = ["Add the two numbers.", {"instruction": "Reverse the order of these words.", "input": "red blue green"}]
@@ -16,8 +17,8 @@ def run_evaluate(tiny_model, trained_run, shards, tmp_path, num_samples=4):
     records = tmp_path / "records.jsonl"
     records.write_text("".join((shard.with_suffix(".jsonl")).read_text() for shard in shards))
     args = argparse.Namespace(
-        base_model=str(tiny_model), adapter_dir=trained_run / "adapter", shards=shards, records=[records],
-        run_name="test-run", template="auto", eval_fraction=0.1, prompts=PROMPTS, num_samples=num_samples,
+        base_model=str(tiny_model), adapter_dir=trained_run / "trained", shards=shards, records=[records],
+        run_name="test-run", template="auto", prompts=PROMPTS, num_samples=num_samples,
         max_new_tokens=8, temperature=0.0, top_p=1.0, batch_size=3, seed=0)
     return evaluate.evaluate(args)
 
@@ -46,15 +47,15 @@ def test_task_metrics_against_known_values():
 
 def test_generation_prompts_are_formatted_like_training(tiny_model, trained_run, shards, tmp_path):
     _, generations = run_evaluate(tiny_model, trained_run, shards, tmp_path)
-    tokenizer = load_tokenizer(trained_run / "adapter")
+    tokenizer = load_tokenizer(trained_run / "trained")
     record = {"format": "alpaca", "instruction": PROMPTS[1]["instruction"], "input": PROMPTS[1]["input"], "output": ""}
     assert generations[1]["prompt"] == tokenizer.decode(encode_prompt(record, tokenizer, "chat")[0])
     assert generations[1]["prompt"] == "<s><|user|>\nReverse the order of these words.\n\nred blue green\n<|assistant|>\n"
 
 
 def test_batched_left_padded_generation_matches_one_by_one(tiny_model, trained_run):
-    tokenizer = load_tokenizer(trained_run / "adapter")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "adapter")
+    tokenizer = load_tokenizer(trained_run / "trained")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "trained")
     prompts = [tokenizer(text).input_ids for text in ["Add", "Sort these words alphabetically. red blue"]]
     settings = dict(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=0)
     batched = evaluate.generate(model, tokenizer, prompts, batch_size=2, **settings)
@@ -63,12 +64,12 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_model, trained_r
 
 
 def test_merged_model_matches_adapter_logits_and_loads_without_peft(tiny_model, trained_run, tmp_path):
-    merged_dir = merge(tiny_model, trained_run / "adapter", tmp_path / "merged")
+    merged_dir = merge(tiny_model, trained_run / "trained", tmp_path / "merged")
     assert not (merged_dir / "adapter_config.json").exists()
     assert (merged_dir / "model.safetensors").exists() and (merged_dir / "generation_config.json").exists()
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "adapter")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "trained")
     inputs = tokenizer(["What is the first word?\n\nred blue green"], return_tensors="pt")
     with torch.no_grad():
         expected = adapted(**inputs).logits

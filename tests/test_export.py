@@ -20,7 +20,7 @@ from model_card import render
 def qlora_run(tmp_path_factory, tiny_model, shards):
     import train
     out = tmp_path_factory.mktemp("qlora")
-    train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--adapter-dir", str(out / "adapter"),
+    train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--output-dir", str(out / "trained"),
                 "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"), "--method", "qlora",
                 "--max-steps", "20", "--learning-rate", "1e-2", "--target-modules", "all-linear", "--precision",
                 "fp32"])
@@ -36,7 +36,7 @@ def logits_of(model, ids):
 def test_merged_logits_match_base_plus_adapter(request, tmp_path, tiny_model, run):
     """Within 1e-4 (fp32) for LoRA and for a QLoRA-trained adapter, which is merged
     into the unquantized base, never into 4-bit weights."""
-    adapter = request.getfixturevalue(run) / "adapter"
+    adapter = request.getfixturevalue(run) / "trained"
     merged = AutoModelForCausalLM.from_pretrained(merge(tiny_model, adapter, tmp_path / "merged"))
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter)
     assert "Linear4bit" not in {type(m).__name__ for m in merged.modules()}
@@ -46,7 +46,7 @@ def test_merged_logits_match_base_plus_adapter(request, tmp_path, tiny_model, ru
 
 
 def test_merged_model_loads_and_generates_without_peft(tmp_path, tiny_model, trained_run):
-    merged = merge(tiny_model, trained_run / "adapter", tmp_path / "merged", dtype="bf16")
+    merged = merge(tiny_model, trained_run / "trained", tmp_path / "merged", merge_dtype="bf16")
     code = ("import sys; sys.modules['peft'] = None\n"
             "import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"model = AutoModelForCausalLM.from_pretrained({str(merged)!r})\n"

@@ -4,9 +4,10 @@ import datasets
 import numpy as np
 import pytest
 
-from common import (IGNORE_INDEX, encode_batch, encode_prompt, encode_record, format_segments, in_eval_split,
-                    load_tokenizer, read_shards, tokenize_texts)
-from tokenize_data import tokenize_file
+from generation import encode_prompt
+from prompts import IGNORE_INDEX, encode_batch, encode_record, format_segments, load_tokenizer, tokenize_texts
+from shards import read_shards
+from tokenize_data import in_eval_split, tokenize_file
 
 ALPACA = {"format": "alpaca", "instruction": "Reverse the order of these words.", "input": "red blue green",
           "output": "green blue red"}

@@ -6,7 +6,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
-from common import load_base_model
+from batches import length_grouped_batches
+from models import load_base_model
 from conftest import TRAIN_STEPS
 
 
@@ -15,7 +16,7 @@ def read_metrics(run):
 
 
 def test_adapter_loads_with_stock_peft(trained_run, tiny_model):
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "trained")
     config = model.peft_config["default"]
     assert config.r == 8 and config.lora_alpha == 16 and set(config.target_modules) == {"q_proj", "v_proj"}
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
@@ -23,7 +24,7 @@ def test_adapter_loads_with_stock_peft(trained_run, tiny_model):
 
 
 def test_tokenizer_is_saved_beside_the_adapter(trained_run, tiny_model):
-    saved = AutoTokenizer.from_pretrained(trained_run / "adapter")
+    saved = AutoTokenizer.from_pretrained(trained_run / "trained")
     base = AutoTokenizer.from_pretrained(tiny_model)
     assert saved.get_vocab() == base.get_vocab() and saved.chat_template == base.chat_template
 
@@ -49,12 +50,12 @@ def test_summary(trained_run):
 
 def test_length_grouped_batches_cover_every_record_once():
     lengths = [(i * 37) % 200 + 5 for i in range(1000)]
-    batches = train.length_grouped_batches(lengths, batch_size=8, seed=3)
+    batches = length_grouped_batches(lengths, batch_size=8, seed=3)
     flat = [i for batch in batches for i in batch]
     assert sorted(flat) == list(range(1000))
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     assert padded < 1.1 * sum(lengths), "batches group records of similar length"
-    assert batches != train.length_grouped_batches(lengths, batch_size=8, seed=4)
+    assert batches != length_grouped_batches(lengths, batch_size=8, seed=4)
 
 
 def test_nan_loss_stops_the_run_without_writing_an_adapter(tmp_path, tiny_model, shards, monkeypatch):
@@ -67,12 +68,12 @@ def test_nan_loss_stops_the_run_without_writing_an_adapter(tmp_path, tiny_model,
     monkeypatch.setattr(train, "load_base_model", load_broken_model)
     with pytest.raises(SystemExit, match=r"\[diverge\] loss is nan at step 1: .*learning rate"):
         train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards),
-                    "--adapter-dir", str(tmp_path / "adapter"), "--metrics", str(tmp_path / "metrics.jsonl"),
+                    "--output-dir", str(tmp_path / "trained"), "--metrics", str(tmp_path / "metrics.jsonl"),
                     "--summary", str(tmp_path / "summary.json"), "--run-name", "diverge", "--max-steps", "5"])
-    assert not (tmp_path / "adapter").exists() and not (tmp_path / "summary.json").exists()
+    assert not (tmp_path / "trained").exists() and not (tmp_path / "summary.json").exists()
 
 
 def test_precision_auto_is_fp32_on_cpu():
-    from common import resolve_precision
+    from models import resolve_precision
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"

@@ -7,12 +7,15 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import train
-from common import count_trained_tokens, load_base_model, pad_batch, read_shards
+from batches import pack_batch, pad_batch
+from models import load_base_model
+from prompts import count_trained_tokens
+from shards import read_shards
 
 
 def run_train(tmp_path, tiny_model, shards, *extra, name="run"):
     out = tmp_path / name
-    train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--adapter-dir", str(out / "adapter"),
+    train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--output-dir", str(out / "trained"),
                 "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
                 "--run-name", name, "--log-every", "5", "--precision", "fp32", *extra])
     return out
@@ -29,13 +32,13 @@ def test_each_method_trains_and_saves_a_loadable_adapter(tmp_path, tiny_model, s
                     "--target-modules", "all-linear", name=method)
     rows = metrics_of(out)
     assert rows[-1]["loss"] < rows[0]["loss"]
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((out / "trained" / "adapter_config.json").read_text())
     assert config["peft_type"] == expected_type
     assert config.get("use_dora", False) == (method == "dora")
     if method == "adalora":
         assert config["total_step"] == 20 and config["target_r"] == 8 and config["init_r"] == 12
         assert config["tinit"] + config["tfinal"] < config["total_step"]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "trained")
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 200, 300]])).logits
     assert torch.isfinite(logits).all()
@@ -80,9 +83,9 @@ def test_packed_batch_gives_the_same_per_token_loss_as_padded_records(tiny_model
     examples = read_shards(shards, "train")[:6]
     model = load_base_model(tiny_model).eval()
     padded = pad_batch(examples, pad_token_id=0)
-    packed = train.pack_batch(examples)
-    tokens = count_trained_tokens(padded)
-    assert count_trained_tokens(packed) == tokens
+    packed = pack_batch(examples)
+    tokens = count_trained_tokens(padded["labels"])
+    assert count_trained_tokens(packed["labels"]) == tokens
     assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
     with torch.no_grad():
         padded_loss = model(**padded, num_items_in_batch=tokens, use_cache=False).loss

@@ -17,7 +17,7 @@ TRAIN = [sys.executable, str(REPO / "scripts" / "train.py")]
 
 
 def train_args(tiny_model, shards, out, *extra):
-    return ["--base-model", str(tiny_model), "--shards", *map(str, shards), "--adapter-dir", str(out / "adapter"),
+    return ["--base-model", str(tiny_model), "--shards", *map(str, shards), "--output-dir", str(out / "trained"),
             "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"), "--run-name", "resume",
             "--precision", "fp32", "--learning-rate", "5e-3", "--log-every", "10", "--threads", "1", *extra]
 
@@ -62,7 +62,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_mode
     command = TRAIN + train_args(tiny_model, shards, resumed, *STEPS, "--checkpoint-every", "20",
                                  "--checkpoint-dir", str(tmp_path / "checkpoints"))
     killed_at = kill_after_checkpoint(command, tmp_path / "checkpoints", min_step=60)
-    assert not (resumed / "adapter").exists(), "a killed run leaves no adapter"
+    assert not (resumed / "trained").exists(), "a killed run leaves no adapter"
     result = subprocess.run(command, env=env(), check=True, capture_output=True, text=True)
     assert f"resuming from the checkpoint at step {killed_at}" in result.stdout + result.stderr
     summary = json.loads((resumed / "summary.json").read_text())
@@ -104,4 +104,4 @@ def test_two_process_data_parallel_training_on_cpu(tmp_path, tiny_model, shards)
     assert summary["processes"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "adapter")
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "trained")

@@ -1,17 +1,12 @@
-"""The one module the stage scripts share: how a record becomes a prompt and
-tokens, how tokenized shards are read back, and how models are loaded.
+"""How a normalized record becomes a prompt and tokens: the prompt template
+(the tokenizer's chat template, or the alpaca template), the (text, is_target)
+segments of a record, and token ids with labels in which everything but the
+answers is IGNORE_INDEX.
 
-Training, evaluation and generation all format prompts through
-`format_segments`, so what the model sees at inference time is exactly what it
-was trained on.
+Tokenization and generation both format records through `format_segments`,
+so what the model sees at inference time is exactly what it was trained on.
 """
-import shutil
-from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 IGNORE_INDEX = -100
 
@@ -19,8 +14,6 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PLAIN_TURN = "### {role}:\n{content}\n\n"
 
-
-# ---------------------------------------------------------------- formatting
 
 def resolve_template(tokenizer, template):
     """'auto' means the tokenizer's own chat template when it has one."""
@@ -142,74 +135,14 @@ def encode_record(record, tokenizer, template, max_length, train_on_inputs=False
     return input_ids[:max_length], labels[:max_length], len(input_ids) > max_length
 
 
-def encode_prompt(record, tokenizer, template):
-    """Prompt ids for generation (everything before the last target) and the reference answer."""
-    segments = format_segments(record, tokenizer, template)
-    last_target = max(i for i, (_, is_target) in enumerate(segments) if is_target)
-    pieces = [(tokenizer(text, add_special_tokens=False).input_ids, False) for text, _ in segments[:last_target]]
-    input_ids, _ = assemble(pieces, tokenizer.bos_token_id, tokenizer.eos_token_id, adds_bos(tokenizer),
-                            append_eos=False)
-    return input_ids, reference_answer(record)
+def count_trained_tokens(labels):
+    """Tokens the loss is computed on, in one sequence or a batch of them (a numpy
+    array or torch tensor of labels). Labels shift left by one inside the model,
+    so the first position is never a target."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def reference_answer(record):
-    if record["format"] == "completion":
-        return record["text"]
-    return as_messages(record)[-1]["content"]
-
-
-# ---------------------------------------------------------------- shards
-
-def in_eval_split(record_id, eval_fraction):
-    """Stable split by a hash of the record's content, not its position: adding
-    records never moves existing ones between train and eval."""
-    return int(record_id[:8], 16) / 0x100000000 < eval_fraction
-
-
-def read_shards(paths, split):
-    """Tokenized examples of one split ('train' or 'eval') from Arrow stream files."""
-    examples = []
-    for path in paths:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_stream(source).read_all()
-        table = table.filter(pa.compute.equal(table["split"], split))
-        examples += [{"id": record_id, "input_ids": input_ids, "labels": labels} for record_id, input_ids, labels
-                     in zip(table["id"].to_pylist(), table["input_ids"].to_pylist(), table["labels"].to_pylist())]
-    return examples
-
-
-def pad_batch(examples, pad_token_id):
-    """Right-padded tensors of one batch: padding to the longest record, never to max_length."""
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        input_ids[row, :n] = torch.tensor(example["input_ids"])
-        labels[row, :n] = torch.tensor(example["labels"])
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def count_trained_tokens(batch):
-    """Tokens that are targets of the loss (labels shift left by one)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-@torch.no_grad()
-def mean_token_loss(model, examples, batch_size, pad_token_id):
-    """Mean loss per trained token over the examples, and the number of trained tokens."""
-    total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(model.device) for k, v in pad_batch(examples[start:start + batch_size], pad_token_id).items()}
-        tokens = count_trained_tokens(batch)
-        total_loss += model(**batch, num_items_in_batch=tokens, use_cache=False).loss.item() * tokens
-        total_tokens += tokens
-    return total_loss / max(total_tokens, 1), total_tokens
-
-
-# ---------------------------------------------------------------- models
+# ---------------------------------------------------------------- tokenizer
 
 def load_tokenizer(name_or_path, chat_template=None):
     """The base model's tokenizer, with `chat_template` replacing its own if given.
@@ -222,31 +155,3 @@ def load_tokenizer(name_or_path, chat_template=None):
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer
 
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision, device):
-    """'auto': bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def load_base_model(name_or_path, dtype=torch.float32, attn_implementation="sdpa"):
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
-
-
-def save_pretrained_atomically(output_dir, *objects, **save_kwargs):
-    """save_pretrained each object into a sibling '.partial' folder, then move it
-    into place, so a crash never leaves a half-written model behind."""
-    output_dir = Path(output_dir)
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    for obj in objects:
-        obj.save_pretrained(partial, **save_kwargs)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    partial.rename(output_dir)
-    return output_dir

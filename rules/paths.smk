@@ -1,0 +1,87 @@
+# Where each file lives. Only the rules and these helpers know file names; the
+# scripts get explicit paths. Every path is relative to the working directory,
+# so a project that is moved or copied keeps its provenance and reruns nothing.
+import hashlib
+import json
+import os
+import re
+
+# Files of a local model folder that only document it: editing them reruns nothing.
+DOCUMENTATION = re.compile(r"(?i)^(readme|license|licence|notice|use_policy)(\..*)?$|\.md$")
+# Files a tokenizer is loaded from (config.json names the tokenizer class of some models).
+TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt"
+                             r"|chat_template\..*|.*\.model|.*\.tiktoken|config\.json)$")
+
+
+def project_path(path):
+    """A path as rules record it: relative when it lies inside the project, so that it moves with it."""
+    absolute = os.path.abspath(os.path.expanduser(path))
+    relative = os.path.relpath(absolute)
+    return absolute if relative.startswith("..") else relative
+
+
+def base_model_path(model):
+    """What from_pretrained loads: the built model's folder, a local folder, or a Hub id."""
+    spec = config["base_models"][model]
+    if "build_tiny" in spec:
+        return f"results/base_models/{model}"
+    path = spec["name_or_path"]
+    return project_path(path) if os.path.isdir(os.path.expanduser(path)) else path
+
+
+def base_model_files(model, tokenizer_only=False):
+    """The base model as an input of the rules that load it: the built folder, or the files of a local folder, so
+    that replacing its weights reruns what used them. A Hub id is no file: none."""
+    if "build_tiny" in config["base_models"][model]:
+        return [base_model_path(model)]
+    folder = base_model_path(model)
+    if not os.path.isdir(folder):
+        return []
+    wanted = TOKENIZER_FILES if tokenizer_only else re.compile(".")
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".")
+                  and not DOCUMENTATION.search(name) and wanted.match(name))
+
+
+def tokenization(run):
+    """Names the shards of one tokenization: the base model and the run's settings that
+    tokenization receives. Runs that agree on these share shards; a change makes new ones."""
+    model = config["base_models"][run["base_model"]]
+    received = SETTINGS.script_settings("tokenize_data")
+    identity = {name: (run if section == "run" else model).get(name)
+                for name, (section, _) in received.items() if section in ("run", "base_model")}
+    identity["model"] = model.get("build_tiny") or base_model_path(run["base_model"])
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{run['base_model']}-{run['max_length']}-{digest}"
+
+
+TOKENIZATIONS = {tokenization(run): run for run in RUNS.values()}
+
+
+def shards(run_name):
+    run = RUNS[run_name]
+    return [f"results/tokens/{tokenization(run)}/{dataset}.arrow" for dataset in run["datasets"]]
+
+
+def normalized_records(run_name):
+    return [f"results/data/{dataset}.jsonl" for dataset in RUNS[run_name]["datasets"]]
+
+
+def token_stats(dataset):
+    """The stats of every tokenization of a dataset that some run uses."""
+    names = sorted({tokenization(run) for run in RUNS.values() if dataset in run["datasets"]})
+    return [f"results/tokens/{name}/{dataset}.stats.json" for name in names]
+
+
+def dataset_stats_files(run_name):
+    return [f"results/data/{dataset}.stats.json" for dataset in RUNS[run_name]["datasets"]]
+
+
+def final_outputs():
+    outputs = [f"results/data/{dataset}.stats.json" for dataset in config["datasets"]]
+    for name, run in RUNS.items():
+        outputs += [f"results/runs/{name}/eval.json", f"results/runs/{name}/report.html",
+                    f"results/runs/{name}/adapter"]
+        outputs += [f"results/runs/{name}/merged"] if run["merge"] else []
+        outputs += [f"results/runs/{name}/upload.json"] if run.get("hub") else []
+    return outputs + ["results/report/sweep.html"]

@@ -1,0 +1,96 @@
+# How each stage script is run by its rule: its path, the project modules it imports
+# (its code inputs, derived from the imports so they cannot go stale), the
+# flags that pass it its settings (declared once, in the config schema), and
+# the interpreter that runs it.
+import ast
+import functools
+import importlib.util
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+SCRIPTS_DIR = Path(workflow.basedir) / "scripts"
+
+# Jobs call `python` and `accelerate`: make them this environment's, also when
+# Snakemake was started as .venv/bin/snakemake without activating the venv.
+# (--sdm conda puts the rule's environment in front of it inside the job.)
+_interpreter_bin = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _interpreter_bin:
+    os.environ.update(PATH=os.pathsep.join([_interpreter_bin, os.environ.get("PATH", "")]))
+
+
+def _load_settings_module():
+    spec = importlib.util.spec_from_file_location("workflow_settings", SCRIPTS_DIR / "settings.py")
+    settings_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(settings_module)
+    return settings_module
+
+
+SETTINGS = _load_settings_module()
+
+
+def script(name):
+    """A stage script, as a path relative to the working directory."""
+    return os.path.relpath(SCRIPTS_DIR / f"{name}.py")
+
+
+@functools.cache
+def imported_modules(name):
+    """The project modules (scripts/*.py) a script imports, directly or through each other."""
+    found, pending = set(), [name]
+    while pending:
+        tree = ast.parse((SCRIPTS_DIR / f"{pending.pop()}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for imported in (m.split(".")[0] for m in modules):
+                if imported not in found and imported != name and (SCRIPTS_DIR / f"{imported}.py").is_file():
+                    found.add(imported)
+                    pending.append(imported)
+    return [script(imported) for imported in sorted(found)]
+
+
+def record_schemas():
+    return sorted(os.path.relpath(p) for p in (Path(workflow.basedir) / "schemas" / "records").glob("*.schema.json"))
+
+
+def script_flags(name, run=None, model=None, dataset=None):
+    """The flags that pass a script its settings from the config: those of a run (a
+    settings dict), of its base model (or `model`), of a dataset, and the global
+    eval and model_card sections. A section the rule does not give is an error."""
+    sections = {"eval": config["eval"], "model_card": config["model_card"]}
+    if run is not None:
+        sections.update(run=run, hub=run.get("hub", {}))
+        model = run["base_model"]
+    if model is not None:
+        sections.update(base_model=config["base_models"][model],
+                        build_tiny=config["base_models"][model].get("build_tiny", {}))
+    if dataset is not None:
+        sections["dataset"] = config["datasets"][dataset]
+    return SETTINGS.command_line_flags(name, **sections)
+
+
+def card_flags(run_name, kind):
+    """Model card inputs that are not files: base model, settings, license, where it will be published."""
+    run = RUNS[run_name]
+    flags = [f"--base-model {shlex.quote(base_model_path(run['base_model']))}",
+             f"--settings {shlex.quote(json.dumps(run, sort_keys=True))}", script_flags("model_card", run=run)]
+    if (run.get("hub") or {}).get("what") == kind:
+        flags.append(f"--repo-id {shlex.quote(run['hub']['repo_id'])}")
+    return " ".join(flags)
+
+
+def train_launcher(run_name):
+    """Plain python for one device; accelerate (DDP) for a run with gpus > 1."""
+    gpus = RUNS[run_name]["gpus"]
+    if gpus <= 1:
+        return "python"
+    return (f"accelerate launch --multi_gpu --num_processes {gpus} --num_machines 1 --dynamo_backend no "
+            "--main_process_port $(python -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); "
+            "print(s.getsockname()[1])')")

@@ -1,0 +1,74 @@
+"""Generating answers for evaluation: generation prompts formatted exactly like
+the training prefix, the records to generate for (configured prompts and a
+fixed sample of held-out records), and batched, seeded, left-padded decoding."""
+import json
+
+import torch
+
+from prompts import adds_bos, as_messages, assemble, format_segments
+
+
+def reference_answer(record):
+    if record["format"] == "completion":
+        return record["text"]
+    return as_messages(record)[-1]["content"]
+
+
+def encode_prompt(record, tokenizer, template):
+    """Prompt ids for generation (everything before the last target) and the reference answer."""
+    segments = format_segments(record, tokenizer, template)
+    last_target = max(i for i, (_, is_target) in enumerate(segments) if is_target)
+    pieces = [(tokenizer(text, add_special_tokens=False).input_ids, False) for text, _ in segments[:last_target]]
+    input_ids, _ = assemble(pieces, tokenizer.bos_token_id, tokenizer.eos_token_id, adds_bos(tokenizer),
+                            append_eos=False)
+    return input_ids, reference_answer(record)
+
+
+def prompt_records(prompts):
+    """Configured prompts as normalized records: a string is an instruction, a dict an alpaca or chat record."""
+    records = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            prompt = {"instruction": prompt}
+        if "messages" in prompt:
+            messages = list(prompt["messages"])
+            if messages[-1]["role"] != "assistant":
+                messages.append({"role": "assistant", "content": ""})
+            records.append({"format": "chat", "messages": messages})
+        else:
+            records.append({"format": "alpaca", "instruction": prompt["instruction"], "input": prompt.get("input", ""),
+                            "output": prompt.get("output", "")})
+    return records
+
+
+def heldout_records(record_files, heldout_ids, count):
+    """The first `count` held-out records, in a stable order (by id)."""
+    wanted, records = set(sorted(heldout_ids)[:count]), {}
+    for path in record_files:
+        with open(path, encoding="utf-8") as f:
+            records.update((r["id"], r) for r in map(json.loads, f) if r["id"] in wanted)
+    return [records[record_id] for record_id in sorted(records)]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, seed):
+    """Completions of tokenized prompts, batched with left padding."""
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=model.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        torch.manual_seed(seed)
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=top_p if temperature > 0 else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+    return [o.strip() for o in outputs]

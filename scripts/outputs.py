@@ -1,0 +1,51 @@
+"""Outputs that appear whole or not at all: everything is written to a sibling
+'.partial' path first and moved into place only when complete, so a crash or
+a kill never leaves a half-written file or folder behind."""
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def _remove(path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield the '.partial' sibling of `path` (a file or a folder) to write to; on
+    success it replaces `path`, on any failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    _remove(partial)
+    try:
+        yield partial
+    except BaseException:
+        _remove(partial)
+        raise
+    if path.is_dir():
+        shutil.rmtree(path)
+    os.replace(partial, path)
+
+
+def write_json(path, value):
+    with atomic_path(path) as partial:
+        partial.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_jsonl(path, rows):
+    with atomic_path(path) as partial:
+        partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def save_pretrained_atomically(output_dir, *objects, **save_kwargs):
+    """save_pretrained each object (model, adapter, tokenizer) into one folder, atomically."""
+    with atomic_path(output_dir) as partial:
+        for obj in objects:
+            obj.save_pretrained(partial, **save_kwargs)
+    return Path(output_dir)

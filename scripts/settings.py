@@ -1,0 +1,140 @@
+"""Settings on the command line, declared once in schemas/config.schema.yaml.
+
+Every setting that a stage script receives is declared in the config schema
+with its type, default, allowed values and help, and names its scripts in
+`x-script`. The rules turn a run's (validated) settings into flags with
+`command_line_flags`; each script builds the matching arguments with
+`add_settings` and checks what it parsed against the same declarations with
+`check_settings`. Adding a setting is one entry in the schema plus the line
+that uses it.
+
+    python scripts/settings.py train     # the settings train.py takes, with defaults
+"""
+import argparse
+import functools
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+
+
+@functools.cache
+def load_schema(path=SCHEMA_FILE):
+    return yaml.safe_load(Path(path).read_text())
+
+
+def script_settings(script, schema=None):
+    """{name: (section, declaration)} of the settings `script` receives, in schema order.
+    A section is a config object declared under the schema's $defs (run, eval, dataset, ...)."""
+    schema = schema or load_schema()
+    found = {}
+    for section, declaration in schema["$defs"].items():
+        for name, spec in declaration.get("properties", {}).items():
+            if script not in spec.get("x-script", []):
+                continue
+            if name in found:
+                raise ValueError(f"{script} receives two settings named {name!r} "
+                                 f"(in {found[name][0]} and {section}); rename one")
+            found[name] = (section, spec)
+    return found
+
+
+def value_kind(spec):
+    """How a setting travels as flags: 'bool' (--x/--no-x), 'list' (--x a b), 'json' or 'scalar'."""
+    if spec.get("type") == "boolean":
+        return "bool"
+    shapes = [spec] + spec.get("oneOf", [])
+    if any(s.get("type") == "array" and s.get("items", {}).get("type") == "string" for s in shapes):
+        return "list"
+    if any(s.get("type") in ("array", "object") for s in shapes):
+        return "json"
+    return "scalar"
+
+
+PARSERS = {"integer": int, "number": float, "string": str}
+
+
+def argument_options(spec, required):
+    """argparse options for one declaration."""
+    kind = value_kind(spec)
+    help_text = spec.get("description", "")
+    if "default" in spec:
+        help_text += f" (default: {json.dumps(spec['default'])})"
+    options = {"help": help_text, "default": spec.get("default")}
+    if required and "default" not in spec:
+        options["required"] = True
+    if kind == "bool":
+        options["action"] = argparse.BooleanOptionalAction
+    elif kind == "list":
+        options["nargs"] = "+"
+    elif kind == "json":
+        options["type"] = json.loads
+    elif "enum" in spec:
+        options["choices"] = spec["enum"]
+    else:
+        options["type"] = PARSERS[spec["type"]]
+    return options
+
+
+def add_settings(parser, script):
+    """Add an argument for every setting `script` receives, as declared in the schema."""
+    group = parser.add_argument_group("settings (declared in schemas/config.schema.yaml)")
+    schema = load_schema()
+    for name, (section, spec) in script_settings(script).items():
+        required = name in schema["$defs"][section].get("required", [])
+        group.add_argument(f"--{name.replace('_', '-')}", **argument_options(spec, required))
+    return parser
+
+
+def check_settings(args, script):
+    """Hold parsed settings to the schema's ranges and patterns, as the config is held."""
+    import jsonschema
+
+    settings = script_settings(script)
+    values = {name: getattr(args, name) for name in settings if getattr(args, name) is not None}
+    if values.get("target_modules") == ["all-linear"]:
+        values["target_modules"] = "all-linear"
+    schema = {"type": "object", "properties": {name: spec for name, (_, spec) in settings.items()}}
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(values))
+    if error is not None:
+        name = error.absolute_path[0] if error.absolute_path else "settings"
+        sys.exit(f"--{str(name).replace('_', '-')}: {error.message}")
+    return args
+
+
+def command_line_flags(script, **sections):
+    """The flags that pass `script` its settings, taken from the given config objects
+    (e.g. run=..., base_model=...); a setting a section does not hold is left out."""
+    parts = []
+    for name, (section, spec) in script_settings(script).items():
+        if section not in sections:
+            raise KeyError(f"the rule for {script} must pass the {section!r} section (for the setting {name!r})")
+        if name not in sections[section]:
+            continue
+        value, flag = sections[section][name], f"--{name.replace('_', '-')}"
+        kind = value_kind(spec)
+        if kind == "bool":
+            parts.append(flag if value else f"--no-{flag[2:]}")
+        elif kind == "list":
+            parts.append(" ".join([flag] + [shlex.quote(str(v)) for v in ([value] if isinstance(value, str) else value)]))
+        elif kind == "json":
+            parts.append(f"{flag} {shlex.quote(json.dumps(value, sort_keys=True))}")
+        else:
+            parts.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("script", help="a stage script's name, e.g. train")
+    args = parser.parse_args()
+    for name, (section, spec) in script_settings(args.script).items():
+        print(f"{section}.{name}: {json.dumps(spec.get('default'))}  {spec.get('description', '')}")
+
+
+if __name__ == "__main__":
+    main()
