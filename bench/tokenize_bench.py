@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from build_tiny_model import build_tiny_model  # noqa: E402
-from common import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX, load_tokenizer  # noqa: E402
+from prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX, load_tokenizer  # noqa: E402
 from tokenize_data import tokenize_file  # noqa: E402
 from validate_data import validate_file  # noqa: E402
 

@@ -39,7 +39,7 @@ METHODS = ["this workflow", "(a) seed: Trainer, padding=max_length", "(b) Traine
 def prepare(work, records):
     """The tiny 4-layer model, synthetic records, and this workflow's shard of them."""
     from build_tiny_model import build_tiny_model
-    from common import load_tokenizer
+    from prompts import load_tokenizer
     from tokenize_bench import write_synthetic
     from tokenize_data import tokenize_file
     from validate_data import validate_file
@@ -77,7 +77,7 @@ def worker(method, args, work):
     if method == "this workflow":
         out = work / "ours"
         subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--base-model", str(work / "tiny"),
-                        "--shards", str(work / "shard.arrow"), "--adapter-dir", str(out / "adapter"),
+                        "--shards", str(work / "shard.arrow"), "--output-dir", str(out / "trained"),
                         "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
                         "--max-steps", str(args.steps), "--batch-size", "8", "--learning-rate", str(args.lr),
                         "--lr-scheduler", "constant_with_warmup", "--warmup-ratio", "0", "--log-every", "1",
@@ -93,7 +93,8 @@ def worker(method, args, work):
     from transformers import (AutoModelForCausalLM, DataCollatorForLanguageModeling, DataCollatorForSeq2Seq,
                               Trainer, TrainingArguments)
 
-    from common import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_tokenizer, read_shards
+    from prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_tokenizer
+    from shards import read_shards
     tokenizer = load_tokenizer(work / "tiny")
     records = [json.loads(line) for line in (work / "records.jsonl").read_text().splitlines()]
     prompts = [(ALPACA_PROMPT_WITH_INPUT if r["input"] else ALPACA_PROMPT).format(**r) for r in records]

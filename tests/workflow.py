@@ -49,3 +49,23 @@ def planned_jobs(workdir, *args, env=None):
     if rule:
         jobs.append(rule)
     return sorted(jobs)
+
+
+def copy_project(source, dest):
+    """A finished project copied the way users do it: `cp -a` (contents, metadata, timestamps)."""
+    subprocess.run(["cp", "-a", str(source), str(dest)], check=True)
+    return dest
+
+
+def dry_run_jobs(workdir, *args, env=None):
+    """[(rule, inputs, shell command)] of the jobs a dry run would run, from `snakemake -n -p`."""
+    output = snakemake(workdir, "-n", "-p", *args, env=env).stdout
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", output):
+        match = re.match(r"(?:local)?rule (\w+):", block)
+        if not match:
+            continue
+        inputs = re.search(r"^\s+input: (.*)$", block, flags=re.M)
+        shell = re.search(r"^Shell command: (.*)$", block, flags=re.M)
+        jobs.append((match.group(1), inputs.group(1).split(", ") if inputs else [], shell.group(1) if shell else ""))
+    return jobs
