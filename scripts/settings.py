@@ -27,12 +27,12 @@ def load_schema(path=SCHEMA_FILE):
     return yaml.safe_load(Path(path).read_text())
 
 
-def script_settings(script, schema=None):
+@functools.cache
+def script_settings(script):
     """{name: (section, declaration)} of the settings `script` receives, in schema order.
     A section is a config object declared under the schema's $defs (run, eval, dataset, ...)."""
-    schema = schema or load_schema()
     found = {}
-    for section, declaration in schema["$defs"].items():
+    for section, declaration in load_schema()["$defs"].items():
         for name, spec in declaration.get("properties", {}).items():
             if script not in spec.get("x-script", []):
                 continue
@@ -53,6 +53,12 @@ def value_kind(spec):
     if any(s.get("type") in ("array", "object") for s in shapes):
         return "json"
     return "scalar"
+
+
+def as_declared(spec, value):
+    """A list setting given as one word that is a `const` alternative (e.g. all-linear) is that constant."""
+    constants = [shape["const"] for shape in spec.get("oneOf", []) if "const" in shape]
+    return value[0] if isinstance(value, list) and len(value) == 1 and value[0] in constants else value
 
 
 PARSERS = {"integer": int, "number": float, "string": str}
@@ -95,9 +101,8 @@ def check_settings(args, script):
     import jsonschema
 
     settings = script_settings(script)
-    values = {name: getattr(args, name) for name in settings if getattr(args, name) is not None}
-    if values.get("target_modules") == ["all-linear"]:
-        values["target_modules"] = "all-linear"
+    values = {name: as_declared(spec, getattr(args, name)) for name, (_, spec) in settings.items()
+              if getattr(args, name) is not None}
     schema = {"type": "object", "properties": {name: spec for name, (_, spec) in settings.items()}}
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(values))
     if error is not None:
