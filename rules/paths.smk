@@ -55,12 +55,12 @@ def tokenization(run):
     return f"{run['base_model']}-{run['max_length']}-{digest}"
 
 
-TOKENIZATIONS = {tokenization(run): run for run in RUNS.values()}
+TOKENIZATION_OF_RUN = {name: tokenization(run) for name, run in RUNS.items()}
+TOKENIZATIONS = {TOKENIZATION_OF_RUN[name]: run for name, run in RUNS.items()}
 
 
 def shards(run_name):
-    run = RUNS[run_name]
-    return [f"results/tokens/{tokenization(run)}/{dataset}.arrow" for dataset in run["datasets"]]
+    return [f"results/tokens/{TOKENIZATION_OF_RUN[run_name]}/{dataset}.arrow" for dataset in RUNS[run_name]["datasets"]]
 
 
 def normalized_records(run_name):
@@ -69,7 +69,7 @@ def normalized_records(run_name):
 
 def token_stats(dataset):
     """The stats of every tokenization of a dataset that some run uses."""
-    names = sorted({tokenization(run) for run in RUNS.values() if dataset in run["datasets"]})
+    names = sorted({TOKENIZATION_OF_RUN[name] for name, run in RUNS.items() if dataset in run["datasets"]})
     return [f"results/tokens/{name}/{dataset}.stats.json" for name in names]
 
 

@@ -37,22 +37,25 @@ def script(name):
 
 
 @functools.cache
+def _direct_imports(name):
+    """Project modules that scripts/{name}.py names in an import statement (anywhere in it)."""
+    imported = set()
+    for node in ast.walk(ast.parse((SCRIPTS_DIR / f"{name}.py").read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            imported.add(node.module.split(".")[0])
+    return {module for module in imported if (SCRIPTS_DIR / f"{module}.py").is_file()}
+
+
+@functools.cache
 def imported_modules(name):
     """The project modules (scripts/*.py) a script imports, directly or through each other."""
     found, pending = set(), [name]
     while pending:
-        tree = ast.parse((SCRIPTS_DIR / f"{pending.pop()}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                modules = [node.module]
-            else:
-                continue
-            for imported in (m.split(".")[0] for m in modules):
-                if imported not in found and imported != name and (SCRIPTS_DIR / f"{imported}.py").is_file():
-                    found.add(imported)
-                    pending.append(imported)
+        for imported in _direct_imports(pending.pop()) - found - {name}:
+            found.add(imported)
+            pending.append(imported)
     return [script(imported) for imported in sorted(found)]
 
 

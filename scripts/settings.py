@@ -24,7 +24,7 @@ SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "config.schem
 
 @functools.cache
 def load_schema(path=SCHEMA_FILE):
-    return yaml.safe_load(Path(path).read_text())
+    return yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 @functools.cache
