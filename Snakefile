@@ -1,6 +1,7 @@
 # LoRA fine-tuning as a Snakemake workflow:
 #   data/*.jsonl -> validate -> tokenize -> train (one job per run) -> evaluate,
-#   report -> export, merge, upload.  See README.md.
+#   report -> export, merge, upload; the embedded tiny base model is built and
+#   pretrained by the workflow itself.  See README.md.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -22,6 +23,7 @@ wildcard_constraints:
     dataset="|".join(config["datasets"]),
     model="|".join(config["base_models"]),
     tokenization="[A-Za-z0-9_.-]+",
+    published="adapter|model",
 
 
 localrules:
@@ -35,6 +37,7 @@ rule all:
 
 
 include: "rules/data.smk"
+include: "rules/base_model.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/export.smk"

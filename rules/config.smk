@@ -13,25 +13,63 @@ def merge_run_defaults():
         config["runs"][run_name] = {**defaults, **(run or {})}
 
 
+def check_what_schema_defaults_would_hide():
+    """Settings that do not apply, caught before validation fills in their defaults."""
+    for run_name, run in (config.get("runs") or {}).items():
+        if run.get("method") == "full" and run.get("merge"):
+            raise ValueError(f"run '{run_name}': merge does not apply to method full (its trained folder is a whole "
+                             "model already); remove merge or set it to false")
+    for model, spec in (config.get("base_models") or {}).items():
+        pretrain = ((spec or {}).get("build_tiny") or {}).get("pretrain") or {}
+        if pretrain.get("method", "full") != "full":
+            raise ValueError(f"base model '{model}': pretraining is always method full, not {pretrain['method']}")
+        for key in ("base_model", "datasets", "merge", "hub"):
+            if key in pretrain:
+                raise ValueError(f"base model '{model}': build_tiny.pretrain.{key} does not apply to pretraining")
+
+
 def check_references():
     names = {"base model": config["base_models"], "dataset": config["datasets"]}
+    corpora = set()
+    for model, spec in config["base_models"].items():
+        if "build_tiny" in spec:
+            corpus = spec["build_tiny"]["corpus"]
+            if corpus not in config["datasets"]:
+                raise ValueError(f"base model '{model}': build_tiny.corpus '{corpus}' is not a dataset "
+                                 f"(configured: {', '.join(config['datasets'])})")
+            corpora.add(corpus)
     for run_name, run in config["runs"].items():
         if "base_model" not in run:
             if len(config["base_models"]) != 1:
                 raise ValueError(f"run '{run_name}': set base_model (one of {', '.join(config['base_models'])})")
             run["base_model"] = next(iter(config["base_models"]))
-        run.setdefault("datasets", list(config["datasets"]))
+        run.setdefault("datasets", [name for name in config["datasets"] if name not in corpora])
         for kind, value in [("base model", run["base_model"])] + [("dataset", d) for d in run["datasets"]]:
             if value not in names[kind]:
                 raise ValueError(f"run '{run_name}': unknown {kind} '{value}' "
                                  f"(configured: {', '.join(names[kind])})")
-        if run.get("hub") and run["hub"]["what"] == "merged" and not run["merge"]:
-            raise ValueError(f"run '{run_name}': hub.what is 'merged' but merge is false")
+        if run["method"] == "full":
+            run["merge"] = False
+        check_hub_target(run_name, run)
     for model, spec in config["base_models"].items():
         path = os.path.expanduser(spec.get("name_or_path", ""))
         looks_local = os.path.isabs(path) or path.startswith(os.curdir)
         if looks_local and not os.path.isdir(path):
             raise ValueError(f"base model '{model}': name_or_path {path} is not a directory")
+
+
+def check_hub_target(run_name, run):
+    """What a run uploads: its adapter (or merged model), or for method full its model."""
+    if not run.get("hub"):
+        return
+    hub = run["hub"]
+    hub.setdefault("what", "model" if run["method"] == "full" else "adapter")
+    allowed = ["model"] if run["method"] == "full" else ["adapter", "merged"]
+    if hub["what"] not in allowed:
+        raise ValueError(f"run '{run_name}': hub.what '{hub['what']}' does not fit method {run['method']} "
+                         f"(use {' or '.join(allowed)})")
+    if hub["what"] == "merged" and not run["merge"]:
+        raise ValueError(f"run '{run_name}': hub.what is 'merged' but merge is false")
 
 
 def check_hub_token():
@@ -47,6 +85,7 @@ def check_hub_token():
 
 
 merge_run_defaults()
+check_what_schema_defaults_would_hide()
 validate(config, "../schemas/config.schema.yaml")
 check_references()
 check_hub_token()

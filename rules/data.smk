@@ -1,23 +1,5 @@
-# Data half of the pipeline: the tiny base model (when configured), record
-# validation, tokenization into Arrow shards shared by every run of the same
-# tokenization, and per-dataset stats.
-
-
-rule build_tiny_model:
-    input:
-        corpus=lambda wc: config["base_models"][wc.model]["build_tiny"]["corpus"],
-        script=script("build_tiny_model"),
-        modules=imported_modules("build_tiny_model"),
-    output:
-        directory("results/base_models/{model}"),
-    params:
-        settings=lambda wc: script_flags("build_tiny_model", model=wc.model),
-    log:
-        "results/logs/build_tiny_model/{model}.log",
-    conda:
-        "../envs/finetune.yaml"
-    shell:
-        "python {input.script} --corpus {input.corpus} --output {output} {params.settings} > {log} 2>&1"
+# Data: record validation, tokenization into Arrow shards shared by every run
+# of the same tokenization, and per-dataset stats.
 
 
 rule validate:
@@ -52,7 +34,7 @@ rule tokenize:
         shard="results/tokens/{tokenization}/{dataset}.arrow",
         stats="results/tokens/{tokenization}/{dataset}.stats.json",
     params:
-        tokenizer=lambda wc: base_model_path(TOKENIZATIONS[wc.tokenization]["base_model"]),
+        tokenizer=lambda wc: tokenizer_path(TOKENIZATIONS[wc.tokenization]["base_model"]),
         settings=lambda wc: script_flags("tokenize_data", run=TOKENIZATIONS[wc.tokenization], dataset=wc.dataset),
     threads: 2
     log:

@@ -27,7 +27,7 @@ rule evaluate:
     shell:
         "python {params.gpu_pool} --gpus {resources.gpu} --"
         " python {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
-        " --adapter-dir {input.trained} --shards {input.shards} --records {input.records} {params.settings}"
+        " --trained-dir {input.trained} --shards {input.shards} --records {input.records} {params.settings}"
         " --eval-json {output.eval_json} --generations {output.generations} --threads {threads} > {log} 2>&1"
 
 
@@ -37,6 +37,7 @@ rule report_run:
         summary="results/runs/{run}/train_summary.json",
         eval_json="results/runs/{run}/eval.json",
         generations="results/runs/{run}/generations.jsonl",
+        samples="results/runs/{run}/samples.jsonl",
         script=script("report_run"),
         modules=imported_modules("report_run"),
     output:
@@ -63,7 +64,8 @@ rule report_run:
     shell:
         "python {input.script} --run-name {wildcards.run} --settings {params.settings}"
         " --metrics {input.metrics} --summary {input.summary} --eval-json {input.eval_json}"
-        " --generations {input.generations} --plot {output.plot} --html {output.html} > {log} 2>&1"
+        " --generations {input.generations} --samples {input.samples} --plot {output.plot} --html {output.html}"
+        " > {log} 2>&1"
 
 
 rule report_sweep:

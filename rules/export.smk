@@ -1,9 +1,9 @@
-# Export: the published adapter folder (the trained adapter with its model
-# card), the adapter merged into its unquantized base (with its card), and the
-# opt-in upload to the Hugging Face Hub.
+# Export: the published folder (the trained adapter, or for method full the
+# trained model, with its model card), the adapter merged into its unquantized
+# base (with its card), and the opt-in upload to the Hugging Face Hub.
 
 
-rule export_adapter:
+rule export:
     input:
         trained="results/runs/{run}/trained",
         summary="results/runs/{run}/train_summary.json",
@@ -12,15 +12,15 @@ rule export_adapter:
         script=script("model_card"),
         modules=imported_modules("model_card"),
     output:
-        directory("results/runs/{run}/adapter"),
+        directory("results/runs/{run}/{published}"),
     params:
-        card=lambda wc: card_flags(wc.run, "adapter"),
+        card=lambda wc: card_flags(wc.run, wc.published),
     log:
-        "results/logs/export_adapter/{run}.log",
+        "results/logs/export/{run}-{published}.log",
     conda:
         "../envs/finetune.yaml"
     shell:
-        "python {input.script} --kind adapter --copy-from {input.trained} --folder {output}"
+        "python {input.script} --kind {wildcards.published} --copy-from {input.trained} --folder {output}"
         " --run-name {wildcards.run} --summary {input.summary} --eval-json {input.eval_json}"
         " --stats {input.stats} {params.card} > {log} 2>&1"
 

@@ -20,20 +20,35 @@ def project_path(path):
     return absolute if relative.startswith("..") else relative
 
 
+def built(model):
+    return "build_tiny" in config["base_models"][model]
+
+
+def pretraining(model):
+    """The settings of a built model's pretraining run, or None when it keeps its random weights."""
+    if not built(model) or "pretrain" not in config["base_models"][model]["build_tiny"]:
+        return None
+    return {**config["base_models"][model]["build_tiny"]["pretrain"], "method": "full", "base_model": model}
+
+
 def base_model_path(model):
-    """What from_pretrained loads: the built model's folder, a local folder, or a Hub id."""
-    spec = config["base_models"][model]
-    if "build_tiny" in spec:
-        return f"results/base_models/{model}"
-    path = spec["name_or_path"]
+    """What from_pretrained loads: the built (and pretrained) model's folder, a local folder, or a Hub id."""
+    if built(model):
+        return f"results/base_models/{model}" if pretraining(model) else f"results/pretrain/{model}/init"
+    path = config["base_models"][model]["name_or_path"]
     return project_path(path) if os.path.isdir(os.path.expanduser(path)) else path
+
+
+def tokenizer_path(model):
+    """Where the tokenizer is read: a built model's is made with its initial weights (pretraining keeps it)."""
+    return f"results/pretrain/{model}/init" if built(model) else base_model_path(model)
 
 
 def base_model_files(model, tokenizer_only=False):
     """The base model as an input of the rules that load it: the built folder, or the files of a local folder, so
     that replacing its weights reruns what used them. A Hub id is no file: none."""
-    if "build_tiny" in config["base_models"][model]:
-        return [base_model_path(model)]
+    if built(model):
+        return [tokenizer_path(model) if tokenizer_only else base_model_path(model)]
     folder = base_model_path(model)
     if not os.path.isdir(folder):
         return []
@@ -50,7 +65,7 @@ def tokenization(run):
     received = SETTINGS.script_settings("tokenize_data")
     identity = {name: (run if section == "run" else model).get(name)
                 for name, (section, _) in received.items() if section in ("run", "base_model")}
-    identity["model"] = model.get("build_tiny") or base_model_path(run["base_model"])
+    identity["tokenizer"] = tokenizer_path(run["base_model"])
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return f"{run['base_model']}-{run['max_length']}-{digest}"
 
@@ -68,9 +83,17 @@ def normalized_records(run_name):
 
 
 def token_stats(dataset):
-    """The stats of every tokenization of a dataset that some run uses."""
+    """The stats of every tokenization of a dataset that some run, or some pretraining, uses."""
     names = sorted({TOKENIZATION_OF_RUN[name] for name, run in RUNS.items() if dataset in run["datasets"]})
-    return [f"results/tokens/{name}/{dataset}.stats.json" for name in names]
+    pretrained = [model for model in config["base_models"]
+                  if pretraining(model) and config["base_models"][model]["build_tiny"]["corpus"] == dataset]
+    return ([f"results/tokens/{name}/{dataset}.stats.json" for name in names]
+            + [f"results/pretrain/{model}/corpus.stats.json" for model in pretrained])
+
+
+def published(run_name):
+    """The folder a run publishes (with its model card): its adapter, or for method full its model."""
+    return "model" if RUNS[run_name]["method"] == "full" else "adapter"
 
 
 def dataset_stats_files(run_name):
@@ -81,7 +104,7 @@ def final_outputs():
     outputs = [f"results/data/{dataset}.stats.json" for dataset in config["datasets"]]
     for name, run in RUNS.items():
         outputs += [f"results/runs/{name}/eval.json", f"results/runs/{name}/report.html",
-                    f"results/runs/{name}/adapter"]
+                    f"results/runs/{name}/{published(name)}"]
         outputs += [f"results/runs/{name}/merged"] if run["merge"] else []
         outputs += [f"results/runs/{name}/upload.json"] if run.get("hub") else []
     return outputs + ["results/report/sweep.html"]

@@ -15,6 +15,7 @@ rule train:
         trained=directory("results/runs/{run}/trained"),
         metrics="results/runs/{run}/metrics.jsonl",
         summary="results/runs/{run}/train_summary.json",
+        samples="results/runs/{run}/samples.jsonl",
         tensorboard=directory("results/runs/{run}/tensorboard"),
     params:
         base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
@@ -33,5 +34,6 @@ rule train:
         "python {params.gpu_pool} --gpus {resources.gpu} --"
         " {params.launcher} {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
         " --shards {input.shards} --output-dir {output.trained} --metrics {output.metrics}"
-        " --summary {output.summary} --tensorboard-dir {output.tensorboard} --checkpoint-dir {params.checkpoints}"
+        " --summary {output.summary} --samples {output.samples} --tensorboard-dir {output.tensorboard}"
+        " --checkpoint-dir {params.checkpoints}"
         " {params.settings} --threads {threads} > {log} 2>&1"

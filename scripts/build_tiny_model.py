@@ -1,12 +1,15 @@
-"""Build a tiny Llama-architecture base model offline: random weights, a byte-level
-BPE tokenizer trained on a local text corpus, a chat template, and distinct
-bos/eos/pad tokens. The result is saved with save_pretrained, so every later
-stage loads it through the same from_pretrained path as a real model.
+"""Build a tiny Llama-architecture model offline: weights in Llama's standard
+random initialization, a byte-level BPE tokenizer trained on the text of a
+corpus of records (JSONL), a chat template, and distinct bos/eos/pad tokens.
+The result is saved with save_pretrained, so every later stage loads it
+through the same from_pretrained path as a real model. The workflow then
+pretrains it on the same corpus (train.py, method full).
 
-    python scripts/build_tiny_model.py --corpus data/tokenizer_corpus.txt \
-        --output results/base_models/tiny-llama --vocab-size 1024 --hidden-size 128
+    python scripts/build_tiny_model.py --corpus results/data/pretrain_corpus.jsonl \
+        --output results/pretrain/tiny-llama/init --vocab-size 1024 --hidden-size 128
 """
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -35,6 +38,19 @@ CHAT_TEMPLATE = (
 )
 
 
+def record_texts(paths):
+    """The text of every record in JSONL files of any format (completion, alpaca or chat)."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for record in map(json.loads, f):
+                if "text" in record:
+                    yield record["text"]
+                elif "messages" in record:
+                    yield "\n".join(message["content"] for message in record["messages"])
+                else:
+                    yield "\n".join(record.get(field, "") for field in ("instruction", "input", "output"))
+
+
 def train_tokenizer(corpus_files, vocab_size):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,7 +61,7 @@ def train_tokenizer(corpus_files, vocab_size):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train([str(f) for f in corpus_files], trainer)
+    tokenizer.train_from_iterator(record_texts(corpus_files), trainer)
     bos_id = tokenizer.token_to_id(BOS)
     # Like Llama tokenizers: encoding with special tokens prepends BOS, never EOS.
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -90,7 +106,7 @@ def build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads, int
 
 
 def build_tiny_model(corpus_files, output_dir, vocab_size=1024, hidden_size=128, num_layers=2,
-                     num_heads=4, num_kv_heads=2, intermediate_size=0, initializer_range=0.1, seed=0):
+                     num_heads=4, num_kv_heads=2, intermediate_size=0, initializer_range=0.02, seed=0):
     tokenizer = train_tokenizer(corpus_files, vocab_size)
     model = build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads,
                         intermediate_size or 4 * hidden_size, initializer_range, seed)
@@ -99,7 +115,8 @@ def build_tiny_model(corpus_files, output_dir, vocab_size=1024, hidden_size=128,
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", type=Path, nargs="+", required=True, help="text files to train the tokenizer on")
+    parser.add_argument("--corpus", type=Path, nargs="+", required=True,
+                        help="JSONL records whose text trains the tokenizer")
     parser.add_argument("--output", type=Path, required=True)
     add_settings(parser, "build_tiny_model")
     args = check_settings(parser.parse_args(argv), "build_tiny_model")

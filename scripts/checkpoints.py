@@ -14,7 +14,7 @@ from outputs import atomic_path
 from settings import script_settings
 
 # Training settings that do not change what is learned: a checkpoint written under other values still resumes.
-NOT_LEARNED = {"checkpoint_every", "log_every", "eval_every"}
+NOT_LEARNED = {"checkpoint_every", "log_every", "eval_every", "sample_every", "prompts", "template", "max_new_tokens"}
 
 
 def fingerprint(args):
@@ -49,15 +49,15 @@ def save_checkpoint(folder, model, optimizer, scheduler, step, run_fingerprint, 
 
 
 def load_checkpoint(folder, run_fingerprint, model, optimizer, scheduler, log):
-    """(step, history, elapsed) of a matching checkpoint after restoring it, else (0, [], 0)."""
+    """(step, history, elapsed) of a matching checkpoint after restoring it, else (0, None, 0)."""
     progress_file = folder / "last" / "progress.json"
     if not progress_file.exists():
-        return 0, [], 0.0
+        return 0, None, 0.0
     progress = json.loads(progress_file.read_text())
     if progress["fingerprint"] != run_fingerprint:
         log(f"checkpoint in {folder} is from other settings or data: starting over")
         shutil.rmtree(folder / "last")
-        return 0, [], 0.0
+        return 0, None, 0.0
     trainable = load_file(folder / "last" / "trainable.safetensors")
     with torch.no_grad():
         for name, parameter in model.named_parameters():

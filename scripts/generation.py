@@ -14,6 +14,14 @@ def reference_answer(record):
     return as_messages(record)[-1]["content"]
 
 
+def question(record):
+    """What a record asks, as a reader would put it (the last user turn, without the template)."""
+    if record["format"] == "completion":
+        return ""
+    users = [m["content"] for m in as_messages(record) if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
 def encode_prompt(record, tokenizer, template):
     """Prompt ids for generation (everything before the last target) and the reference answer."""
     segments = format_segments(record, tokenizer, template)

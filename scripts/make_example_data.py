@@ -1,8 +1,16 @@
-"""Generate the example dataset shipped in data/ (run once; the output is committed).
+"""Generate the example data shipped in data/ (run once; the output is committed).
 
-Two alpaca-style files of small, rule-based tasks that a tiny model can learn
-in a few hundred steps, plus a text corpus of the same kind for training the
-tiny model's tokenizer:
+- word_tasks.jsonl, number_tasks.jsonl: alpaca records of small rule-based
+  tasks, each labelled with its task kind, all distinct, so that a held-out
+  record is never a training record.
+- pretrain_corpus.jsonl: plain-text documents (completion records) that teach
+  the same skills in other surface forms: which word of a list comes first,
+  last or after another, how many words a list has, which of two numbers is
+  larger or smaller, and what number comes next. No document states the
+  answer to a task record's input (the lists and number pairs of the task
+  files are left out), so what a run gets right on held-out records it got by
+  following the instruction, not by recall. The workflow trains the tiny
+  model's tokenizer on it and pretrains the model on it.
 
     python scripts/make_example_data.py --out data
 """
@@ -22,6 +30,7 @@ WORDS = (
 ONES = "zero one two three four five six seven eight nine".split()
 TEENS = "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+MAX_NUMBER = 49
 
 
 def number_in_words(n):
@@ -33,63 +42,134 @@ def number_in_words(n):
     return TENS[tens] if ones == 0 else f"{TENS[tens]}-{ONES[ones]}"
 
 
-def word_task(rng):
-    words = rng.sample(WORDS, rng.randint(3, 6))
-    text = " ".join(words)
-    kind = rng.choice(["reverse", "sort", "first", "last", "count", "upper"])
-    if kind == "reverse":
-        return "Reverse the order of these words.", text, " ".join(reversed(words))
-    if kind == "sort":
-        return "Sort these words alphabetically.", text, " ".join(sorted(words))
-    if kind == "first":
-        return "What is the first word?", text, words[0]
-    if kind == "last":
-        return "What is the last word?", text, words[-1]
-    if kind == "count":
-        return "How many words are there?", text, number_in_words(len(words))
-    return "Write these words in capital letters.", text, text.upper()
+# ---------------------------------------------------------------- task records
+# Inputs are labelled ("List: ...", "Numbers: ...") and answers are sentences
+# that never start with a word of the input, so every word and number is
+# written after a space wherever it appears: a byte-level BPE tokenizer gives
+# " stone" and "stone" different tokens, and a tiny model copies only the same.
+
+def word_list(rng):
+    return rng.sample(WORDS, rng.randint(3, 6))
 
 
-def number_task(rng):
-    a, b = rng.randint(0, 49), rng.randint(0, 49)
-    kind = rng.choice(["add", "larger", "smaller", "words", "double"])
-    if kind == "add":
-        return "Add the two numbers.", f"{a} and {b}", str(a + b)
+def word_task(kind, rng):
+    """(instruction, input, output) of one word task of the given kind."""
+    words = word_list(rng)
+    text = f"List: {' '.join(words)}"
+    if kind == "first_word":
+        return "What is the first word?", text, f"The first word is {words[0]}."
+    if kind == "last_word":
+        return "What is the last word?", text, f"The last word is {words[-1]}."
+    if kind == "word_after":
+        i = rng.randrange(len(words) - 1)
+        return f"Which word comes after {words[i]}?", text, f"After {words[i]} comes {words[i + 1]}."
+    return "How many words are there?", text, f"There are {number_in_words(len(words))} words."
+
+
+def number_task(kind, rng):
+    a, b = rng.sample(range(MAX_NUMBER + 1), 2)
+    pair = f"Numbers: {a} and {b}"
     if kind == "larger":
-        return "Which number is larger?", f"{a} or {b}", str(max(a, b))
+        return "Which number is larger?", pair, f"The larger number is {max(a, b)}."
     if kind == "smaller":
-        return "Which number is smaller?", f"{a} or {b}", str(min(a, b))
-    if kind == "words":
-        return "Write the number in words.", str(a), number_in_words(a)
-    return "Double the number.", str(a), str(2 * a)
+        return "Which number is smaller?", pair, f"The smaller number is {min(a, b)}."
+    return "What number comes next?", f"Number: {a}", f"After {a} comes {a + 1}."
 
 
-def write_jsonl(path, make_task, count, rng):
-    """`count` distinct records."""
-    seen = set()
-    with open(path, "w", encoding="utf-8") as f:
+# Records per task kind (a successor has one record per number).
+WORD_KINDS = {"first_word": 400, "last_word": 400, "count_words": 400, "word_after": 400}
+NUMBER_KINDS = {"larger": 400, "smaller": 400, "successor": MAX_NUMBER + 1}
+
+
+def task_records(make_task, kinds, rng):
+    """Distinct records, `kinds[kind]` of each kind, shuffled."""
+    records = []
+    for kind, count in kinds.items():
+        seen = set()
         while len(seen) < count:
-            task = make_task(rng)
-            if task not in seen:
-                seen.add(task)
-                instruction, task_input, output = task
-                f.write(json.dumps({"instruction": instruction, "input": task_input, "output": output}) + "\n")
+            instruction, task_input, output = make_task(kind, rng)
+            if (instruction, task_input) not in seen:
+                seen.add((instruction, task_input))
+                records.append({"instruction": instruction, "input": task_input, "output": output, "task": kind})
+    rng.shuffle(records)
+    return records
+
+
+# ---------------------------------------------------------------- pretraining corpus
+# Prose about lists and numbers: which word of a list comes first, last or after
+# another, how many words there are, which of two numbers is larger or smaller,
+# and what number comes next, in varied wording. Lists are often repeated,
+# which teaches the model to copy from its context.
+
+def list_sentences(words, rng):
+    text, count = " ".join(words), number_in_words(len(words))
+    i = rng.randrange(len(words) - 1)
+    return rng.sample([
+        f"The list {text} starts with {words[0]}.",
+        f"In {text} the first word is {words[0]} and the last word is {words[-1]}.",
+        f"The list {text} ends with {words[-1]}.",
+        f"Counting {text} gives {count} words.",
+        f"There are {count} words in {text}.",
+        f"What comes first in {text} is {words[0]}, and what comes last is {words[-1]}.",
+        f"We read {text} and then read it again: {text}.",
+        f"In {text}, after {words[i]} comes {words[i + 1]}.",
+        f"Which word follows {words[i]} in {text}? It is {words[i + 1]}.",
+    ], rng.randint(2, 4))
+
+
+def pair_sentence(a, b, rng):
+    big, small = max(a, b), min(a, b)
+    return rng.choice([f"Of {a} and {b}, {big} is larger and {small} is smaller.",
+                       f"The larger number of {a} and {b} is {big}.", f"The smaller number of {a} and {b} is {small}.",
+                       f"{big} is more than {small}, and {small} is less than {big}."])
+
+
+def number_sentence(n, rng):
+    return rng.choice([f"After {n} comes {n + 1}.", f"The number that comes next after {n} is {n + 1}.",
+                       f"Counting on from {n} gives {n + 1}."])
+
+
+def corpus_document(rng, used_lists, used_pairs):
+    """A few sentences of mixed facts; none about a list or number pair that a task record uses."""
+    sentences, count = [], rng.randint(5, 8)
+    while len(sentences) < count:
+        kind = rng.choice(["list", "list", "pair", "pair", "number"])
+        if kind == "list":
+            words = word_list(rng)
+            if " ".join(words) not in used_lists:
+                sentences += list_sentences(words, rng)
+        elif kind == "pair":
+            a, b = rng.sample(range(MAX_NUMBER + 1), 2)
+            if frozenset((a, b)) not in used_pairs:
+                sentences.append(pair_sentence(a, b, rng))
+        else:
+            sentences.append(number_sentence(rng.randint(0, MAX_NUMBER), rng))
+    return " ".join(sentences)
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data"))
-    parser.add_argument("--records-per-file", type=int, default=200)
+    parser.add_argument("--documents", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    write_jsonl(args.out / "word_tasks.jsonl", word_task, args.records_per_file, rng)
-    write_jsonl(args.out / "number_tasks.jsonl", number_task, args.records_per_file, rng)
-    with open(args.out / "tokenizer_corpus.txt", "w", encoding="utf-8") as f:
-        for _ in range(2000):
-            instruction, task_input, output = rng.choice([word_task, number_task])(rng)
-            f.write(f"{instruction}\n{task_input}\n{output}\n")
+    words = task_records(word_task, WORD_KINDS, rng)
+    numbers = task_records(number_task, NUMBER_KINDS, rng)
+    write_jsonl(args.out / "word_tasks.jsonl", words)
+    write_jsonl(args.out / "number_tasks.jsonl", numbers)
+    used_lists = {r["input"].removeprefix("List: ") for r in words if r["input"].startswith("List: ")}
+    used_pairs = {frozenset(map(int, r["input"].removeprefix("Numbers: ").split(" and ")))
+                  for r in numbers if r["input"].startswith("Numbers: ")}
+    write_jsonl(args.out / "pretrain_corpus.jsonl",
+                ({"text": corpus_document(rng, used_lists, used_pairs)} for _ in range(args.documents)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Write a model card (README.md with YAML metadata) into an adapter or merged
-model folder, from the run's own files: its settings, training summary,
-evaluation and dataset stats. With --copy-from, the folder is first filled with
-a copy of another (the trained adapter), so the published folder is complete.
+"""Write a model card (README.md with YAML metadata) into an adapter, merged or
+fully fine-tuned model folder, from the run's own files: its settings,
+training summary, evaluation and dataset stats. With --copy-from, the folder is
+first filled with a copy of another (the trained folder), so the published
+folder is complete.
 
     python scripts/model_card.py --kind adapter --copy-from results/runs/r8/trained \
         --folder results/runs/r8/adapter --run-name r8 --base-model meta-llama/Llama-3.2-1B \
@@ -25,13 +26,19 @@ def training_settings(settings):
     return [(name, settings[name]) for name, (section, _) in received.items() if section == "run" and name in settings]
 
 
+# What the folder holds, by kind: the adapter; the adapter merged into its base; a fully fine-tuned model.
+DESCRIPTIONS = {"adapter": "{method} adapter", "merged": "model with the {method} adapter merged into its base weights",
+                "model": "fully fine-tuned model (every parameter trained)"}
+
+
 def metadata(kind, base_model, settings, datasets, license_id):
+    method = settings.get("method", "lora")
+    tags = [method] + (["lora", "peft"] if method != "full" else []) + ["snakemake"]
     meta = {
         "base_model": base_model,
         "library_name": "peft" if kind == "adapter" else "transformers",
         "pipeline_tag": "text-generation",
-        "tags": list(dict.fromkeys([settings.get("method", "lora"), "lora", "peft", "snakemake"]
-                                   + (["merged"] if kind == "merged" else []))),
+        "tags": list(dict.fromkeys(tags + (["merged"] if kind == "merged" else []))),
         "datasets": datasets,
     }
     if license_id:
@@ -57,12 +64,11 @@ def number(value):
 def render(kind, run_name, base_model, settings, summary, evaluation, stats, license_id=None, repo_hint="."):
     datasets = [Path(s["file"]).stem for s in stats]
     front = yaml.safe_dump(metadata(kind, base_model, settings, datasets, license_id), sort_keys=False).strip()
-    what = "LoRA adapter" if kind == "adapter" else "model with the LoRA adapter merged into its base weights"
+    what = DESCRIPTIONS[kind].format(method=settings.get("method", "lora"))
     lines = [
         f"---\n{front}\n---\n",
         f"# {run_name}\n",
-        f"A {settings.get('method', 'lora')} {what}, fine-tuned from `{base_model}` by the run `{run_name}` "
-        f"of a Snakemake fine-tuning workflow.\n",
+        f"A {what}, fine-tuned from `{base_model}` by the run `{run_name}` of a Snakemake fine-tuning workflow.\n",
         "## Evaluation\n",
         f"On {evaluation['eval_records']} held-out records ({evaluation['eval_tokens']} answer tokens):\n",
         "| metric | base model | fine-tuned |", "|---|---|---|",
@@ -70,6 +76,9 @@ def render(kind, run_name, base_model, settings, summary, evaluation, stats, lic
     for metric in ("loss", "perplexity", "exact_match", "rouge_l", "bleu", "chrf"):
         lines.append(f"| {metric} | {number(evaluation['base'].get(metric))} | "
                      f"{number(evaluation['tuned'].get(metric))} |")
+    for task, tuned in evaluation["tuned"].get("exact_match_by_task", {}).items():
+        lines.append(f"| exact_match: {task} | {number(evaluation['base']['exact_match_by_task'].get(task))} | "
+                     f"{number(tuned)} |")
     lines += ["", "## Training\n", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in training_settings(settings)]
     lines += [f"| trainable parameters | {summary['trainable_parameters']:,} of {summary['total_parameters']:,} |",
@@ -83,7 +92,7 @@ def render(kind, run_name, base_model, settings, summary, evaluation, stats, lic
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", choices=("adapter", "merged"), required=True)
+    parser.add_argument("--kind", choices=sorted(DESCRIPTIONS), required=True)
     parser.add_argument("--folder", type=Path, required=True, help="the folder that gets README.md")
     parser.add_argument("--copy-from", type=Path, default=None, help="fill --folder with a copy of this folder first")
     parser.add_argument("--run-name", required=True)

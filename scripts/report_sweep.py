@@ -1,6 +1,7 @@
 """Compare every run of the sweep: a sortable CSV and an HTML table with one row
-per run (settings, cost, losses, task metrics), the loss curves of all runs on
-one chart, and eval loss against trainable parameters.
+per run (settings, cost, losses, task metrics), exact match per task kind, the
+loss curves of all runs on one chart, and eval loss against trainable
+parameters. The best run is the one with the highest held-out exact match.
 
     python scripts/report_sweep.py --run r8 results/runs/r8 '{"method": "lora", ...}' \
         --run r16 results/runs/r16 '{...}' --csv results/report/sweep.csv \
@@ -26,12 +27,15 @@ HEADERS = {"target_modules": "target modules", "trainable_parameters": "trainabl
 COLUMNS = ["run", "method", "r", "alpha", "target_modules", "trainable_parameters", "wall_time_s", "tokens_per_s",
            "peak_memory_mb", "final_train_loss", "base_eval_loss", "eval_loss", "perplexity", "exact_match",
            "rouge_l", "bleu", "chrf"]
+TASK_PREFIX = "exact_match:"  # one more column per task kind: its held-out exact match
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; white-space: nowrap; }
+th, td { border: 1px solid #ccc; padding: 4px 6px; text-align: left; }
+td { white-space: nowrap; }
+td.wrap { white-space: normal; min-width: 6em; }
 .scroll { overflow-x: auto; }
-th { background: #f3f3f3; cursor: pointer; user-select: none; }
+th { background: #f3f3f3; cursor: pointer; user-select: none; vertical-align: bottom; font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.best td { background: #eaf7ee; }
 img { max-width: 100%; }
@@ -59,12 +63,13 @@ def run_row(name, folder, settings):
     evaluation = json.loads((folder / "eval.json").read_text())
     metrics = read_jsonl(folder / "metrics.jsonl")
     tuned = evaluation["tuned"]
-    target = settings.get("target_modules")
+    adapter = settings.get("method") != "full"  # rank, alpha and targets mean nothing to a full fine-tune
+    target = settings.get("target_modules") if adapter else None
     return {
         "run": name,
         "method": settings.get("method"),
-        "r": settings.get("r"),
-        "alpha": settings.get("alpha"),
+        "r": settings.get("r") if adapter else None,
+        "alpha": settings.get("alpha") if adapter else None,
         "target_modules": target if isinstance(target, str) else " ".join(target or []),
         "trainable_parameters": summary["trainable_parameters"],
         "wall_time_s": round(summary["wall_time_s"], 2),
@@ -75,6 +80,7 @@ def run_row(name, folder, settings):
         "eval_loss": tuned["loss"],
         "perplexity": tuned["perplexity"],
         **{key: tuned.get(key) for key in ("exact_match", "rouge_l", "bleu", "chrf")},
+        **{f"{TASK_PREFIX}{task}": value for task, value in tuned.get("exact_match_by_task", {}).items()},
     }, metrics
 
 
@@ -112,27 +118,47 @@ def plot_loss_vs_parameters(rows, path):
     plt.close(fig)
 
 
-def cell(value):
+def cell(value, wrap=False):
+    if isinstance(value, bool):
+        return f"<td>{'true' if value else 'false'}</td>"
     if isinstance(value, float):
         return f'<td class="num" data-value="{value}">{value:.4g}</td>'
     if isinstance(value, int):
         return f'<td class="num" data-value="{value}">{value:,}</td>'
-    return f"<td>{html.escape('' if value is None else str(value))}</td>"
+    return f"<td{' class=wrap' if wrap else ''}>{html.escape('' if value is None else str(value))}</td>"
+
+
+def sortable_table(table_id, rows, columns, headers, best):
+    head = "".join(f"<th title='{c}'>{html.escape(headers.get(c, c))}</th>" for c in columns)
+    body = "".join(f"<tr class='{'best' if row['run'] == best else ''}'>"
+                   + "".join(cell(row.get(c), wrap=c == "target_modules") for c in columns) + "</tr>" for row in rows)
+    return (f"<div class='scroll'><table class='sortable' id='{table_id}'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table></div>")
+
+
+def best_run(rows):
+    """The run with the highest held-out exact match, or with the lowest held-out loss when there is none."""
+    if all(row.get("exact_match") is not None for row in rows):
+        return max(rows, key=lambda r: r["exact_match"])["run"], "Highest held-out exact match"
+    return min(rows, key=lambda r: r["eval_loss"])["run"], "Lowest held-out loss"
+
+
+def task_columns(rows):
+    return sorted({key for row in rows for key in row if key.startswith(TASK_PREFIX)})
 
 
 def render_html(rows, loss_png, params_png):
-    best = min(rows, key=lambda r: r["eval_loss"])["run"]
-    head = "".join(f"<th title='{c}'>{html.escape(HEADERS.get(c, c))}</th>" for c in COLUMNS)
-    body = "".join(f"<tr class='{'best' if row['run'] == best else ''}'>" + "".join(cell(row[c]) for c in COLUMNS)
-                   + "</tr>" for row in rows)
+    best, why = best_run(rows)
+    tasks = task_columns(rows)
     image = "<img alt='{}' src='data:image/png;base64,{}'>".format
     return "\n".join([
         "<!doctype html><html><head><meta charset='utf-8'><title>Sweep report</title>",
         f"<style>{STYLE}</style></head><body>",
         f"<h1>Sweep: {len(rows)} run(s)</h1>",
-        f"<p>Lowest held-out loss: <b>{html.escape(best)}</b>. Click a column header to sort.</p>",
-        f"<div class='scroll'><table class='sortable' id='sweep'><thead><tr>{head}</tr></thead>"
-        f"<tbody>{body}</tbody></table></div>",
+        f"<p>{why}: <b>{html.escape(best)}</b>. Click a column header to sort.</p>",
+        sortable_table("sweep", rows, COLUMNS, HEADERS, best),
+        "<h2>Exact match per task</h2>" if tasks else "",
+        sortable_table("tasks", rows, ["run"] + tasks, {t: t[len(TASK_PREFIX):] for t in tasks}, best) if tasks else "",
         "<h2>Loss curves</h2>", image("loss curves", base64.b64encode(loss_png).decode()),
         "<h2>Eval loss vs trainable parameters</h2>", image("eval loss vs parameters",
                                                              base64.b64encode(params_png).decode()),
@@ -156,7 +182,7 @@ def main():
         curves[name] = metrics
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + task_columns(rows))
         writer.writeheader()
         writer.writerows(rows)
     plot_loss_curves(curves, args.loss_plot)

@@ -1,7 +1,8 @@
-"""Train one adapter (LoRA, QLoRA, DoRA or AdaLoRA) on tokenized shards: the
-seed recipe (load the base model, wrap it with peft, optimize, save adapter and
-tokenizer) as one recipe you can read top to bottom: setup, a step, logging,
-save.
+"""Train one run on tokenized shards: an adapter (LoRA, QLoRA, DoRA or AdaLoRA)
+or every parameter (full). The seed recipe (load the base model, wrap it with
+peft, optimize, save adapter and tokenizer) as one recipe you can read top to
+bottom: setup, a step, logging, save. Pretraining the embedded tiny model is
+a full run of this same recipe on plain text.
 
 - Batches hold records of similar length padded to their longest record, or,
   with packing, the records back to back in one row with position ids that
@@ -39,11 +40,13 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
 
 from batches import mean_token_loss, micro_batch_indices, pack_batch, pad_batch, real_tokens
 from checkpoints import fingerprint, load_checkpoint, save_checkpoint
+from generation import encode_prompt, generate, prompt_records, reference_answer
 from models import DTYPES, load_base_model, resolve_precision
 from outputs import save_pretrained_atomically, write_json
-from prompts import count_trained_tokens, load_tokenizer
+from prompts import count_trained_tokens, load_tokenizer, resolve_template
 from settings import add_settings, check_settings
 from shards import read_shards
+from training_log import TrainingLog
 
 # ---------------------------------------------------------------- setup
 
@@ -93,7 +96,9 @@ def setup_data(args, num_processes):
 
 
 def load_model(args, precision, accelerator):
-    dtype = DTYPES[precision]
+    # Full fine-tuning keeps fp32 master weights (mixed precision autocasts the compute);
+    # adapter methods train small fp32 adapters on a base stored in the compute dtype.
+    dtype = torch.float32 if args.method == "full" else DTYPES[precision]
     if args.method != "qlora":
         return load_base_model(args.base_model, dtype=dtype, attn_implementation=args.attn_implementation)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -127,12 +132,15 @@ def peft_config(args, total_steps):
 
 
 def setup_model(args, precision, accelerator, total_steps):
-    """The base model with a fresh adapter, and its tokenizer."""
+    """The base model with a fresh adapter (every parameter trainable for full), and its tokenizer."""
     tokenizer = load_tokenizer(args.base_model, args.chat_template)
     model = load_model(args, precision, accelerator)
     if args.gradient_checkpointing and args.method != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        if args.method != "full":
+            model.enable_input_require_grads()
+    if args.method == "full":
+        return model, tokenizer
     return get_peft_model(model, peft_config(args, total_steps)), tokenizer
 
 
@@ -160,7 +168,8 @@ def setup(args):
     run = SimpleNamespace(
         args=args, accelerator=accelerator, device=device, precision=precision, packing=packing,
         train_examples=train_examples, eval_examples=eval_examples, total_steps=total_steps, tokenizer=tokenizer,
-        trainable=trainable, total=total, scheduler=scheduler, start_step=0, history=[], elapsed_before=0.0,
+        trainable=trainable, total=total, scheduler=scheduler, start_step=0, elapsed_before=0.0,
+        history={"metrics": [], "samples": []}, sample_prompts=sample_prompts(args, tokenizer),
         checkpoints=Path(args.checkpoint_dir) if args.checkpoint_dir else None, fingerprint=None)
     say(run, f"{args.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
              f"{len(train_examples)} train / {len(eval_examples)} eval records; {total_steps} steps "
@@ -168,8 +177,9 @@ def setup(args):
              f"{'packed' if packing else 'length-grouped'} batches, {accelerator.num_processes} process(es)")
     if run.checkpoints:
         run.fingerprint = fingerprint(args)
-        run.start_step, run.history, run.elapsed_before = load_checkpoint(
+        run.start_step, history, run.elapsed_before = load_checkpoint(
             run.checkpoints, run.fingerprint, model, optimizer, scheduler, lambda message: say(run, message))
+        run.history = history or run.history
     run.model, run.optimizer = accelerator.prepare(model, optimizer)
     run.unwrapped = accelerator.unwrap_model(run.model)
     run.batches = micro_batch_indices([len(e["input_ids"]) for e in train_examples], args.batch_size, args.seed,
@@ -220,40 +230,30 @@ def train_step(run, step):
     return epoch, step_loss, step_tokens, tokens_seen, float(grad_norm)
 
 
-# ---------------------------------------------------------------- logging
+# ---------------------------------------------------------------- logging and samples
+
+
+def sample_prompts(args, tokenizer):
+    """[(record, prompt ids)] of the eval prompts to answer every sample_every steps."""
+    if not (args.sample_every and args.prompts):
+        return []
+    template = resolve_template(tokenizer, args.template)
+    return [(record, encode_prompt(record, tokenizer, template)[0]) for record in prompt_records(args.prompts)]
+
+
+def samples_at(run, step):
+    """The tuned model's greedy answers to the sample prompts at this step."""
+    run.model.eval()
+    answers = generate(run.unwrapped, run.tokenizer, [ids for _, ids in run.sample_prompts],
+                       max_new_tokens=run.args.max_new_tokens, batch_size=len(run.sample_prompts), temperature=0.0,
+                       top_p=1.0, seed=run.args.seed)
+    run.model.train()
+    return [{"step": step, "prompt": run.tokenizer.decode(ids), "reference": reference_answer(record), "answer": answer}
+            for (record, ids), answer in zip(run.sample_prompts, answers)]
 
 
 def say(run, message):
     run.accelerator.print(f"[{run.args.run_name}] {message}", flush=True)
-
-
-class MetricsLog:
-    """metrics.jsonl and TensorBoard events, written by the main process only."""
-
-    def __init__(self, metrics_path, tensorboard_dir, enabled):
-        self.file = self.board = None
-        if not enabled:
-            return
-        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(metrics_path, "w")
-        if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            self.board = SummaryWriter(tensorboard_dir)
-
-    def record(self, row):
-        if self.file is None:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        if self.board:
-            for key, value in row.items():
-                if key != "step":
-                    self.board.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", value, row["step"])
-
-    def close(self):
-        for handle in (self.file, self.board):
-            if handle is not None:
-                handle.close()
 
 
 def metrics_row(run, step, epoch, interval, seconds):
@@ -297,7 +297,7 @@ def save(run, tokens_seen):
     })
     if run.checkpoints:
         shutil.rmtree(run.checkpoints, ignore_errors=True)
-    say(run, f"adapter written to {output_dir} after {wall_time:.1f}s")
+    say(run, f"{'model' if args.method == 'full' else 'adapter'} written to {output_dir} after {wall_time:.1f}s")
 
 
 # ---------------------------------------------------------------- the loop
@@ -306,9 +306,11 @@ def save(run, tokens_seen):
 def train(args):
     run = setup(args)
     main = run.accelerator.is_main_process
-    metrics = MetricsLog(args.metrics, args.tensorboard_dir, enabled=main)
-    for row in run.history:
-        metrics.record(row)
+    log = TrainingLog(args.metrics, args.samples, args.tensorboard_dir, enabled=main)
+    for row in run.history["metrics"]:
+        log.record(row)
+    for step in sorted({row["step"] for row in run.history["samples"]}):
+        log.record_samples([row for row in run.history["samples"] if row["step"] == step])
     progress = tqdm(total=run.total_steps, initial=run.start_step, desc=args.run_name, disable=not main,
                     mininterval=10, file=sys.stderr)
     run.started = interval_start = time.perf_counter()
@@ -323,19 +325,25 @@ def train(args):
         progress.update(1)
         if step % args.log_every == 0 or step == run.total_steps:
             row = metrics_row(run, step, epoch, interval, time.perf_counter() - interval_start)
-            run.history.append(row)
-            metrics.record(row)
+            run.history["metrics"].append(row)
+            log.record(row)
             if main:
                 progress.write(f"[{args.run_name}] " + " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             interval, interval_start = {"loss": 0.0, "trained": 0, "tokens": 0}, time.perf_counter()
+        if run.sample_prompts and (step % args.sample_every == 0 or step == run.total_steps):
+            if main:
+                rows = samples_at(run, step)
+                run.history["samples"] += rows
+                log.record_samples(rows)
+            run.accelerator.wait_for_everyone()
         if run.checkpoints and args.checkpoint_every and step % args.checkpoint_every == 0 and step < run.total_steps:
             if main:
                 save_checkpoint(run.checkpoints, run.unwrapped, run.optimizer, run.scheduler, step, run.fingerprint,
                                 run.history, run.elapsed_before + time.perf_counter() - run.started)
             run.accelerator.wait_for_everyone()
     progress.close()
-    metrics.close()
+    log.close()
     run.accelerator.wait_for_everyone()
     if main:
         save(run, tokens_seen)
@@ -345,9 +353,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", required=True, help="local path or Hub id")
     parser.add_argument("--shards", type=Path, nargs="+", required=True, help="Arrow shards from tokenize_data.py")
-    parser.add_argument("--output-dir", type=Path, required=True, help="where the adapter and tokenizer go")
+    parser.add_argument("--output-dir", type=Path, required=True,
+                        help="where the adapter (for method full: the model) and the tokenizer go")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics.jsonl, one line per logging step")
     parser.add_argument("--summary", type=Path, required=True, help="train_summary.json")
+    parser.add_argument("--samples", type=Path, default=None, help="samples.jsonl: answers to eval prompts over training")
     parser.add_argument("--tensorboard-dir", type=Path, default=None)
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="resumable checkpoints (not an output)")
     parser.add_argument("--run-name", default="run")

@@ -101,7 +101,9 @@ def normalize(record, fmt):
     else:
         fields["text"] = record["text"]
     canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False)
-    return {"id": hashlib.sha256(canonical.encode()).hexdigest()[:16], **fields}
+    # The task kind labels a record for reports; it is not part of its content (nor of its id and split).
+    task = {"task": record["task"]} if "task" in record else {}
+    return {"id": hashlib.sha256(canonical.encode()).hexdigest()[:16], **fields, **task}
 
 
 def read_lines(path):

@@ -17,7 +17,7 @@ def run_evaluate(tiny_model, trained_run, shards, tmp_path, num_samples=4):
     records = tmp_path / "records.jsonl"
     records.write_text("".join((shard.with_suffix(".jsonl")).read_text() for shard in shards))
     args = argparse.Namespace(
-        base_model=str(tiny_model), adapter_dir=trained_run / "trained", shards=shards, records=[records],
+        base_model=str(tiny_model), trained_dir=trained_run / "trained", shards=shards, records=[records],
         run_name="test-run", template="auto", prompts=PROMPTS, num_samples=num_samples,
         max_new_tokens=8, temperature=0.0, top_p=1.0, batch_size=3, seed=0)
     return evaluate.evaluate(args)
@@ -28,7 +28,7 @@ def test_eval_reports_base_and_tuned_side_by_side(tiny_model, trained_run, shard
     for side in ("base", "tuned"):
         assert math.isclose(result[side]["perplexity"], math.exp(result[side]["loss"]))
     assert result["tuned"]["loss"] < result["base"]["loss"]
-    assert result["eval_records"] == 40 and result["eval_tokens"] > 0
+    assert result["eval_records"] == 29 and result["eval_tokens"] > 0
     assert [g["source"] for g in generations] == ["prompt"] * 2 + ["heldout"] * 4
     assert all(g["reference"] for g in generations[2:])
     for side in ("base", "tuned"):
@@ -79,3 +79,11 @@ def test_merged_model_matches_adapter_logits_and_loads_without_peft(tiny_model, 
         output = merged.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
     assert not (tmp_path / "merged.partial").exists()
+
+
+def test_exact_match_per_task_kind():
+    result = evaluate.task_metrics(["The first word is red.", "wrong", "There are two words."],
+                                   ["The first word is red.", "The first word is sky.", "There are two words."],
+                                   ["first_word", "first_word", "count_words"])
+    assert result["exact_match_by_task"] == {"count_words": 1.0, "first_word": 0.5}
+    assert result["exact_match"] == 2 / 3

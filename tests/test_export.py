@@ -149,3 +149,13 @@ def test_upload_without_a_token_says_how_to_provide_one(tmp_path, monkeypatch):
     monkeypatch.setattr(upload_script, "hub_token", lambda: None)
     with pytest.raises(upload_script.UploadError, match="set HF_TOKEN or run `huggingface-cli login`"):
         upload_script.upload(tmp_path, "me/x", private=True, revision="main")
+
+
+def test_model_card_of_a_full_fine_tune():
+    card = render("model", "full", "results/base_models/tiny-llama", {**SETTINGS, "method": "full"}, SUMMARY,
+                  {**EVALUATION, "tuned": {**EVALUATION["tuned"], "exact_match_by_task": {"first_word": 0.9}},
+                   "base": {**EVALUATION["base"], "exact_match_by_task": {"first_word": 0.0}}}, STATS)
+    meta = front_matter(card)
+    assert meta["library_name"] == "transformers" and "full" in meta["tags"] and "peft" not in meta["tags"]
+    assert "fully fine-tuned model" in card and "PeftModel" not in card
+    assert "| exact_match: first_word | 0 | 0.9 |" in card

@@ -8,19 +8,16 @@ import shutil
 import pytest
 import yaml
 
-from workflow import copy_project, copy_workflow, planned_jobs, snakemake
+from workflow import copy_project, copy_workflow, per_run_jobs, planned_jobs, snakemake
 
 pytestmark = pytest.mark.slow
 
-DOWNSTREAM_OF_TRAINING = ("evaluate", "export_adapter", "merge", "report_run")
-
-
-def runs_of(workdir):
-    return sorted(yaml.safe_load((workdir / "config" / "config.yaml").read_text())["runs"])
+DOWNSTREAM_OF_TRAINING = ("evaluate", "export", "merge", "report_run")
+PRETRAINING = "pretrain[model=tiny-llama]"
 
 
 def per_run(workdir, rules):
-    return [f"{rule}[run={run}]" for run in runs_of(workdir) for rule in rules]
+    return per_run_jobs(workdir, rules)
 
 
 def append(path, text):
@@ -52,14 +49,15 @@ def test_a_data_edit_after_the_copy_reruns_what_it_would_in_place(project):
 
 
 def test_editing_evaluation_only_code_reruns_evaluation_not_training(project):
-    append(project / "scripts/generation.py", "\n# an edit to generation only\n")
+    append(project / "scripts/metrics.py", "\n# an edit to the task metrics, which only evaluation uses\n")
     assert planned_jobs(project) == sorted(["all", "report_sweep", *per_run(project, DOWNSTREAM_OF_TRAINING)])
 
 
 def test_editing_code_that_training_imports_retrains(project):
     append(project / "scripts/checkpoints.py", "\n# an edit to checkpointing\n")
     assert planned_jobs(project) == sorted(
-        ["all", "report_sweep", *per_run(project, ("train",) + DOWNSTREAM_OF_TRAINING)])
+        ["all", "report_sweep", PRETRAINING, *per_run(project, ("train",) + DOWNSTREAM_OF_TRAINING)]), \
+        "pretraining runs the training script too"
 
 
 def test_editing_code_no_rule_depends_on_reruns_nothing(project):
@@ -77,7 +75,7 @@ def test_schema_help_edits_rerun_nothing_and_default_edits_rerun_their_stage(pro
     schema["$defs"]["run"]["properties"]["weight_decay"]["default"] = 0.01
     schema_path.write_text(yaml.safe_dump(schema, sort_keys=False))
     assert planned_jobs(project) == sorted(
-        ["all", "report_sweep", *per_run(project, ("train",) + DOWNSTREAM_OF_TRAINING)])
+        ["all", "report_sweep", PRETRAINING, *per_run(project, ("train",) + DOWNSTREAM_OF_TRAINING)])
 
 
 LOCAL_MODEL_CONFIG = """
@@ -86,7 +84,7 @@ base_models:
 datasets:
   word_tasks: {path: data/word_tasks.jsonl, format: alpaca}
 eval: {num_samples: 2, max_new_tokens: 4}
-run_defaults: {max_steps: 10, log_every: 5, max_length: 128, batch_size: 4, checkpoint_every: 0}
+run_defaults: {max_steps: 10, log_every: 5, max_length: 128, batch_size: 4, checkpoint_every: 0, target_modules: all-linear}
 runs:
   r4: {r: 4, alpha: 8}
 """
@@ -117,7 +115,8 @@ def test_replacing_a_local_base_models_weights_reruns_what_used_them(local_model
     tensors[name] = tensors[name] * 1.5
     save_file(tensors, weights, metadata={"format": "pt"})
     assert planned_jobs(project) == sorted(["all", "report_sweep", "train[run=r4]", "evaluate[run=r4]",
-                                            "export_adapter[run=r4]", "merge[run=r4]", "report_run[run=r4]"])
+                                            "export[run=r4, published=adapter]", "merge[run=r4]",
+                                            "report_run[run=r4]"])
 
 
 def test_editing_a_local_base_models_tokenizer_retokenizes(local_model_project, tmp_path):

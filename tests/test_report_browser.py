@@ -93,11 +93,31 @@ def test_sweep_page_sorts_by_a_clicked_column(finished, browser):
     assert descending == sorted(ascending, reverse=True)
 
 
-def test_run_page_shows_metrics_curve_and_generations(finished, browser):
+def test_run_page_leads_with_what_was_learned(finished, browser):
     for run in runs_of(finished):
         browser.get((finished / "results/runs" / run / "report.html").as_uri())
-        text = visible_text(browser)
-        assert f"Run {run}" in text and "tuned is better" in text
-        assert "Generations" in text and "rouge_l" in text and "Reverse the order of these words." in text
+        headings = [h.text for h in browser.find_elements(By.TAG_NAME, "h2")]
+        assert headings[0] == "What was learned"
+        assert {"Exact match per task", "Answers over training", "Loss curve", "Held-out generations"} <= set(headings)
+        learned = browser.find_element(By.XPATH, "//h2[text()='What was learned']/following-sibling::table[1]")
+        assert [th.text for th in learned.find_elements(By.TAG_NAME, "th")] == [
+            "prompt", "reference", "base answer", "tuned answer"]
+        marks = [td.get_attribute("class") for td in learned.find_elements(By.XPATH, ".//td[3] | .//td[4]")]
+        assert marks and set(marks) <= {"right", "wrong"} and "right" in marks
+        settings = {row.find_elements(By.TAG_NAME, "td")[0].text: row.find_elements(By.TAG_NAME, "td")[1].text
+                    for row in browser.find_elements(By.XPATH, "//th[text()='setting']/../../tr[td]")}
+        assert settings["use_rslora"] == "false" and settings["merge"] in ("true", "false")
         image = browser.find_element(By.XPATH, "//img[@alt='loss curve']")
         assert browser.execute_script("return arguments[0].naturalWidth", image) > 0
+
+
+def test_sweep_page_fits_a_1400_pixel_window(finished, browser, tmp_path):
+    browser.set_window_size(1400, 1000)
+    browser.get((finished / "results/report/sweep.html").as_uri())
+    width = browser.execute_script("return window.innerWidth")
+    assert width <= 1400
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= width
+    overflowing = browser.execute_script(
+        "return [...document.querySelectorAll('.scroll')].filter(d => d.scrollWidth > d.clientWidth).length")
+    assert overflowing == 0, "the sweep tables scroll sideways"
+    assert browser.save_screenshot(str(tmp_path / "sweep-1400.png"))

@@ -45,8 +45,9 @@ RUN = {"method": "dora", "r": 4, "alpha": 8.5, "target_modules": "all-linear", "
 
 
 @pytest.mark.parametrize("sections, script", [
-    ({"run": RUN, "base_model": {"chat_template": "{{ 'it''s' }} \"q\" $HOME"}}, "train"),
-    ({"run": {**RUN, "target_modules": ["q_proj", "o_proj"]}, "base_model": {}}, "train"),
+    ({"run": RUN, "base_model": {"chat_template": "{{ 'it''s' }} \"q\" $HOME"}, "eval": {}}, "train"),
+    ({"run": {**RUN, "target_modules": ["q_proj", "o_proj"], "sample_every": 5},
+      "base_model": {"template": "alpaca"}, "eval": {"prompts": ["Add 2 and 3."], "max_new_tokens": 4}}, "train"),
     ({"eval": {"prompts": ["Add 2 and 3.", {"messages": [{"role": "user", "content": "hi 'there'"}]}],
                "temperature": 0.5, "num_samples": 3}, "base_model": {"template": "chat"}}, "evaluate"),
 ])
@@ -56,7 +57,7 @@ def test_flags_round_trip_through_the_scripts_command_line(sections, script):
     module = __import__(script)
     required = {"train": ["--base-model", "m", "--shards", "s", "--output-dir", "o", "--metrics", "x",
                           "--summary", "y"],
-                "evaluate": ["--base-model", "m", "--adapter-dir", "a", "--shards", "s", "--records", "r",
+                "evaluate": ["--base-model", "m", "--trained-dir", "a", "--shards", "s", "--records", "r",
                              "--eval-json", "e", "--generations", "g"]}[script]
     flags = settings.command_line_flags(script, **sections)
     args = module.parse_args(required + shlex.split(flags))
@@ -90,11 +91,11 @@ def test_a_setting_added_once_in_the_schema_reaches_the_script(workdir):
     """One schema entry, nothing else edited: the config accepts the setting, its
     default fills in, the rule passes it, and the script's command line parses it."""
     add_dummy_setting(workdir)
-    (workdir / "dummy.yaml").write_text("runs:\n  r8-qv:\n    dummy_setting: 3\n")
+    (workdir / "dummy.yaml").write_text("runs:\n  lora-r16:\n    dummy_setting: 3\n")
     jobs = dry_run_jobs(workdir, "--configfile", "dummy.yaml")
     commands = {shell.split("--run-name ")[1].split()[0]: shell for rule, _, shell in jobs if rule == "train"}
-    assert sorted(commands) == ["r16-all-linear", "r8-qv"]
-    for run, expected in [("r8-qv", 3), ("r16-all-linear", 7)]:
+    assert sorted(commands) == ["full", "lora-r16"]
+    for run, expected in [("lora-r16", 3), ("full", 7)]:
         argv = shlex.split(commands[run].split("scripts/train.py", 1)[1].split(" > ")[0])
         parsed = subprocess.run(
             [sys.executable, "-c", "import sys; sys.path.insert(0, 'scripts'); import train; "
@@ -102,9 +103,9 @@ def test_a_setting_added_once_in_the_schema_reaches_the_script(workdir):
             cwd=workdir, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert parsed.returncode == 0, parsed.stderr
         assert parsed.stdout.strip() == str(expected)
-    assert not any("--dummy-setting" in shell for rule, _, shell in jobs if rule != "train")
+    assert not any("--dummy-setting" in shell for rule, _, shell in jobs if rule not in ("train", "pretrain"))
 
-    (workdir / "dummy.yaml").write_text("runs:\n  r8-qv:\n    dummy_setting: -1\n")
+    (workdir / "dummy.yaml").write_text("runs:\n  lora-r16:\n    dummy_setting: -1\n")
     result = snakemake(workdir, "-n", "--configfile", "dummy.yaml", check=False)
     assert result.returncode != 0 and "-1 is less than the minimum of 0" in result.stdout + result.stderr
 
@@ -140,7 +141,7 @@ def test_each_rule_declares_exactly_the_code_its_scripts_import(workdir):
         assert declared == imported, f"rule {rule}: declares {sorted(declared)}, runs {sorted(imported)}"
     assert {"train", "evaluate", "tokenize", "validate", "merge", "build_tiny_model"} <= seen
     train_code = ran["train"][0]
-    assert "scripts/generation.py" not in train_code, "evaluation-only code is not a training input"
+    assert "scripts/metrics.py" not in train_code, "evaluation-only code is not a training input"
 
 
 def test_paths_in_the_dag_are_relative_to_the_project(workdir):
@@ -159,4 +160,4 @@ def test_jobs_run_this_environments_python_without_an_activated_venv(workdir):
                             env={**os.environ, "PATH": bare_path, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stats = json.loads((workdir / "results/data/word_tasks.stats.json").read_text())
-    assert stats["records"] == 200 and len(stats["tokenized"]) == 1
+    assert stats["records"] == 1600 and len(stats["tokenized"]) == 1

@@ -8,7 +8,7 @@ import yaml
 
 from conftest import REPO
 from slurm_cluster import Cluster, unavailable_reason
-from workflow import copy_workflow, snakemake
+from workflow import QUICK_CONFIG, copy_workflow, snakemake
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -62,8 +62,7 @@ def submissions(output):
 
 def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, cluster):
     workdir = copy_workflow(tmp_path / "wf")
-    (workdir / "slurm.yaml").write_text("run_defaults:\n  max_steps: 40\n  eval_every: 0\n"
-                                        "runs:\n  r8-qv:\n    gpus: 1\n")
+    (workdir / "slurm.yaml").write_text(QUICK_CONFIG + "runs:\n  lora-r16:\n    gpus: 1\n")
     profile = make_test_profile(workdir)
     args = ["--profile", str(profile), "--configfile", "slurm.yaml"]
     planned = snakemake(workdir, "-n", *args, env=cluster.env).stdout
@@ -74,18 +73,19 @@ def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, 
     jobs = submissions(output)
     assert len(jobs) == expected_jobs, output[-3000:]
     assert "localrule all:" in output, "only the target rule runs outside SLURM"
-    assert json.loads((workdir / "results/runs/r8-qv/eval.json").read_text())["tuned"]["loss"] > 0
+    assert json.loads((workdir / "results/runs/lora-r16/eval.json").read_text())["tuned"]["loss"] > 0
 
     train = {run: jobs[job] for run, job in train_jobs(output).items()}
-    assert "TresPerJob=gres:gpu:1" in cluster.scontrol_job(train["r8-qv"]), "gpus: 1 reached SLURM as one GPU"
-    assert "gres:gpu" not in cluster.scontrol_job(train["r16-all-linear"])
+    assert "TresPerJob=gres:gpu:1" in cluster.scontrol_job(train["lora-r16"]), "gpus: 1 reached SLURM as one GPU"
+    assert "gres:gpu" not in cluster.scontrol_job(train["full"])
 
     data = workdir / "data/word_tasks.jsonl"
-    data.write_text(data.read_text() + json.dumps({"instruction": "What is the first word?", "input": "kiwi lime",
-                                                   "output": "kiwi"}) + "\n")
+    data.write_text(data.read_text() + json.dumps({"instruction": "What is the first word?", "input": "List: kiwi lime",
+                                                   "output": "The first word is kiwi."}) + "\n")
     stale = snakemake(workdir, "-n", *args, env=cluster.env).stdout
     stale_jobs = len(re.findall(r"^rule (?!all:)\w+:$", stale, flags=re.M))
     second = snakemake(workdir, *args, env=cluster.env, timeout=900)
     resubmitted = submissions(second.stdout + second.stderr)
     assert len(resubmitted) == stale_jobs < expected_jobs
-    assert "rule validate" in second.stdout + second.stderr and "rule build_tiny_model" not in second.stdout
+    assert "rule validate" in second.stdout + second.stderr
+    assert "rule build_tiny_model" not in second.stdout and "rule pretrain" not in second.stdout

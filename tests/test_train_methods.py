@@ -117,3 +117,57 @@ def test_8bit_adamw_trains_on_cpu(tmp_path, tiny_model, shards):
     out = run_train(tmp_path, tiny_model, shards, "--optimizer", "adamw_8bit", "--max-steps", "10",
                     "--learning-rate", "1e-2", "--target-modules", "all-linear")
     assert metrics_of(out)[-1]["loss"] < metrics_of(out)[0]["loss"]
+
+
+def test_full_fine_tuning_trains_every_parameter_and_saves_a_whole_model(tmp_path, tiny_model, shards):
+    out = run_train(tmp_path, tiny_model, shards, "--method", "full", "--max-steps", "20", "--learning-rate", "1e-3",
+                    name="full")
+    rows = metrics_of(out)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "full" and summary["trainable_parameters"] == summary["total_parameters"]
+    assert not (out / "trained" / "adapter_config.json").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(out / "trained")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    changed = [name for name, weight in tuned.state_dict().items() if not torch.equal(weight, base.state_dict()[name])]
+    assert "model.embed_tokens.weight" in changed and "model.layers.0.mlp.up_proj.weight" in changed
+
+
+def test_samples_over_training_go_to_jsonl_and_tensorboard(tmp_path, tiny_model, shards):
+    prompts = json.dumps(["What is the first word?", {"instruction": "Add", "input": "2 and 3", "output": "5"}])
+    out = run_train(tmp_path, tiny_model, shards, "--max-steps", "10", "--sample-every", "4", "--prompts", prompts,
+                    "--max-new-tokens", "3", "--samples", str(tmp_path / "samples.jsonl"),
+                    "--tensorboard-dir", str(tmp_path / "tb"))
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [4, 4, 8, 8, 10, 10], "every sample_every steps and at the end"
+    assert [s["reference"] for s in samples[:2]] == ["", "5"]
+    assert samples[1]["prompt"].endswith("<|assistant|>\n") and "2 and 3" in samples[1]["prompt"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Tensors("samples/text_summary")] == [4, 8, 10]
+    assert metrics_of(out)
+
+
+def test_samples_survive_a_resume(tmp_path, tiny_model, shards):
+    """A rerun that resumes from a checkpoint writes the samples made before the kill again."""
+    import checkpoints
+    prompts = json.dumps(["What is the first word?"])
+    common = ["--max-steps", "8", "--sample-every", "2", "--prompts", prompts, "--max-new-tokens", "2",
+              "--samples", str(tmp_path / "samples.jsonl"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+              "--checkpoint-every", "4"]
+    original_save = checkpoints.save_checkpoint
+
+    def save_then_stop(folder, model, optimizer, scheduler, step, *rest):
+        original_save(folder, model, optimizer, scheduler, step, *rest)
+        raise KeyboardInterrupt("killed after the checkpoint at step 4")
+
+    train.save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_train(tmp_path, tiny_model, shards, *common)
+    finally:
+        train.save_checkpoint = original_save
+    run_train(tmp_path, tiny_model, shards, *common)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]

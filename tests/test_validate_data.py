@@ -187,5 +187,16 @@ def test_cli_writes_records_rejected_and_stats(tmp_path):
     result, out = cli(tmp_path, REPO / "data" / "word_tasks.jsonl")
     assert result.returncode == 0, result.stderr
     stats = json.loads((out / "d.stats.json").read_text())
-    assert len((out / "d.jsonl").read_text().splitlines()) == stats["records"] == 200
+    assert len((out / "d.jsonl").read_text().splitlines()) == stats["records"] == 1600
     assert (out / "d.rejected.jsonl").read_text() == "" and stats["rejected_by_reason"] == {}
+
+
+def test_a_task_label_is_kept_but_is_not_part_of_the_records_identity(tmp_path):
+    record = {"instruction": "What is the first word?", "input": "List: red sky", "output": "The first word is red."}
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps({**record, "task": "first_word"}), json.dumps(record)])
+    records, _, stats = run(path)
+    assert records[0]["task"] == "first_word" and "task" not in records[1]
+    assert records[0]["id"] == records[1]["id"] and stats["duplicates"] == 1, "same content, same id and split"
+    (tmp_path / "bad").mkdir()
+    bad = write_lines(tmp_path / "bad" / "d.jsonl", [json.dumps({**record, "task": ""})])
+    assert errors_of(bad) == [f"{bad}:1: field 'task': must not be empty or whitespace only"]

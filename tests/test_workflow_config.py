@@ -23,22 +23,30 @@ def test_lint_is_clean(workdir):
 def test_default_dag_has_one_training_job_per_run_and_shared_shards(workdir):
     jobs = planned_jobs(workdir)
     runs = yaml.safe_load((workdir / "config" / "config.yaml").read_text())["runs"]
-    assert len(runs) == 2
+    assert sorted(runs) == ["full", "lora-r16"]
     assert [j for j in jobs if j.startswith("train[")] == sorted(f"train[run={r}]" for r in runs)
     tokenize = [j for j in jobs if j.startswith("tokenize[")]
-    assert len(tokenize) == 2, "both runs share one tokenization per dataset"
-    for rule in ("validate", "dataset_stats", "evaluate", "merge", "report_run"):
-        assert sum(j.startswith(f"{rule}[") for j in jobs) == 2
-    assert "build_tiny_model[model=tiny-llama]" in jobs
+    assert len(tokenize) == 2, "both runs share one tokenization of each task dataset"
+    for rule, count in [("validate", 3), ("dataset_stats", 3), ("evaluate", 2), ("report_run", 2), ("export", 2)]:
+        assert sum(j.startswith(f"{rule}[") for j in jobs) == count, rule
+    assert [j for j in jobs if j.startswith("merge[")] == ["merge[run=lora-r16]"], "a full run has nothing to merge"
+    for job in ("build_tiny_model[model=tiny-llama]", "tokenize_corpus[model=tiny-llama]", "pretrain[model=tiny-llama]"):
+        assert job in jobs
 
 
 @pytest.mark.parametrize("override, message", [
-    ("runs:\n  r8-qv:\n    rank: 8\n", "'rank' was unexpected"),
-    ("runs:\n  r8-qv:\n    r: eight\n", "'eight' is not of type 'integer'"),
-    ("runs:\n  r8-qv:\n    target_modules: q_proj\n", "target_modules"),
-    ("runs:\n  r8-qv:\n    base_model: llama-9000\n", "run 'r8-qv': unknown base model 'llama-9000'"),
-    ("runs:\n  r8-qv:\n    datasets: [nope]\n", "run 'r8-qv': unknown dataset 'nope'"),
+    ("runs:\n  lora-r16:\n    rank: 8\n", "'rank' was unexpected"),
+    ("runs:\n  lora-r16:\n    r: eight\n", "'eight' is not of type 'integer'"),
+    ("runs:\n  lora-r16:\n    target_modules: q_proj\n", "target_modules"),
+    ("runs:\n  lora-r16:\n    base_model: llama-9000\n", "run 'lora-r16': unknown base model 'llama-9000'"),
+    ("runs:\n  lora-r16:\n    datasets: [nope]\n", "run 'lora-r16': unknown dataset 'nope'"),
     ("eval:\n  fraction: 2\n", "fraction"),
+    ("runs:\n  full:\n    merge: true\n", "run 'full': merge does not apply to method full"),
+    ("runs:\n  full:\n    hub: {repo_id: me/x, what: adapter}\n", "run 'full': hub.what 'adapter' does not fit method full"),
+    ("base_models:\n  tiny-llama:\n    build_tiny:\n      pretrain: {method: lora}\n",
+     "base model 'tiny-llama': pretraining is always method full"),
+    ("base_models:\n  tiny-llama:\n    build_tiny:\n      corpus: nope\n",
+     "base model 'tiny-llama': build_tiny.corpus 'nope' is not a dataset"),
 ])
 def test_bad_config_fails_before_any_job_and_names_the_key(workdir, override, message):
     result = snakemake(workdir, "-n", *write_config(workdir, override), check=False)
@@ -52,10 +60,12 @@ def test_training_jobs_declare_their_gpus(workdir):
     result = snakemake(workdir, "-n", "--cores", "2", "--resources", "gpu=2", *args)
     train_blocks = [b for b in result.stdout.split("rule ") if b.startswith("train:")]
     assert len(train_blocks) == 2 and all("gpu=1" in b for b in train_blocks)
+    assert "gpu=0" in next(b for b in result.stdout.split("rule ") if b.startswith("pretrain:")), \
+        "pretraining has its own gpus setting"
 
 
 def test_runs_that_change_max_length_get_their_own_shards(workdir):
-    jobs = planned_jobs(workdir, *write_config(workdir, "runs:\n  r8-qv:\n    max_length: 64\n"))
+    jobs = planned_jobs(workdir, *write_config(workdir, "runs:\n  lora-r16:\n    max_length: 64\n"))
     assert sum(j.startswith("tokenize[") for j in jobs) == 4
 
 
@@ -92,7 +102,7 @@ def test_quarantine_mode_keeps_going_and_reports_rejects(workdir):
     args = write_config(workdir, "datasets:\n  number_tasks:\n    on_error: skip\n")
     snakemake(workdir, "--cores", "1", "results/data/number_tasks.validation.json", *args)
     stats = yaml.safe_load((workdir / "results/data/number_tasks.validation.json").read_text())
-    assert stats["rejected"] == 1 and stats["rejected_by_reason"] == {"wrong_type": 1} and stats["records"] == 200
+    assert stats["rejected"] == 1 and stats["rejected_by_reason"] == {"wrong_type": 1} and stats["records"] == 850
     assert "expected string, got integer" in (workdir / "results/data/number_tasks.rejected.jsonl").read_text()
 
 
@@ -104,24 +114,24 @@ def test_changing_the_template_makes_new_shards_not_reused_ones(workdir):
 
 
 def test_configured_upload_without_a_token_fails_before_any_job(workdir, tmp_path):
-    args = write_config(workdir, "runs:\n  r8-qv:\n    hub: {repo_id: me/r8-qv}\n")
+    args = write_config(workdir, "runs:\n  lora-r16:\n    hub: {repo_id: me/lora-r16}\n")
     no_token = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "empty-hf-home")}
     result = snakemake(workdir, "-n", *args, check=False, env=no_token)
     assert result.returncode != 0
-    assert "run(s) r8-qv upload to the Hugging Face Hub, but no token is available" in result.stdout + result.stderr
+    assert "run(s) lora-r16 upload to the Hugging Face Hub, but no token is available" in result.stdout + result.stderr
     assert not (workdir / "results").exists()
     jobs = planned_jobs(workdir, *args, env={"HF_TOKEN": "hf_x" * 8})
-    assert "upload[run=r8-qv]" in jobs and "upload[run=r16-all-linear]" not in jobs
+    assert "upload[run=lora-r16]" in jobs and "upload[run=full]" not in jobs
 
 
 def test_merge_false_skips_the_merge(workdir):
-    jobs = planned_jobs(workdir, *write_config(workdir, "runs:\n  r8-qv:\n    merge: false\n"))
-    assert "merge[run=r16-all-linear]" in jobs and "merge[run=r8-qv]" not in jobs
-    assert "export_adapter[run=r8-qv]" in jobs
+    assert "merge[run=lora-r16]" in planned_jobs(workdir)
+    jobs = planned_jobs(workdir, *write_config(workdir, "runs:\n  lora-r16:\n    merge: false\n"))
+    assert "merge[run=lora-r16]" not in jobs and "export[run=lora-r16, published=adapter]" in jobs
 
 
 def test_uploading_a_merged_model_needs_the_merge(workdir):
-    override = "runs:\n  r8-qv:\n    merge: false\n    hub: {repo_id: me/x, what: merged}\n"
+    override = "runs:\n  lora-r16:\n    merge: false\n    hub: {repo_id: me/x, what: merged}\n"
     result = snakemake(workdir, "-n", *write_config(workdir, override), check=False, env={"HF_TOKEN": "hf_x" * 8})
     assert result.returncode != 0
-    assert "run 'r8-qv': hub.what is 'merged' but merge is false" in result.stdout + result.stderr
+    assert "run 'lora-r16': hub.what is 'merged' but merge is false" in result.stdout + result.stderr

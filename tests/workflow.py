@@ -8,6 +8,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_PARTS = ["Snakefile", "rules", "scripts", "schemas", "config", "data", "envs", "profiles"]
+# Over the default config: the whole workflow in well under a minute, for tests of its mechanics, not its quality.
+QUICK_CONFIG = ("base_models:\n  tiny-llama:\n    build_tiny:\n      pretrain: {max_steps: 20}\n"
+                "run_defaults:\n  max_steps: 30\n  eval_every: 0\n  sample_every: 0\neval:\n  num_samples: 4\n")
 
 
 def copy_workflow(dest):
@@ -68,4 +71,24 @@ def dry_run_jobs(workdir, *args, env=None):
         inputs = re.search(r"^\s+input: (.*)$", block, flags=re.M)
         shell = re.search(r"^Shell command: (.*)$", block, flags=re.M)
         jobs.append((match.group(1), inputs.group(1).split(", ") if inputs else [], shell.group(1) if shell else ""))
+    return jobs
+
+
+def run_settings(workdir):
+    """{run: its settings as written in config/config.yaml, run_defaults included}."""
+    import yaml
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    return {name: {**(config.get("run_defaults") or {}), **(run or {})} for name, run in config["runs"].items()}
+
+
+def per_run_jobs(workdir, rules):
+    """The job names of the given per-run rules for every configured run (merge only where it applies)."""
+    jobs = []
+    for run, settings in run_settings(workdir).items():
+        full = settings.get("method") == "full"
+        for rule in rules:
+            if rule == "export":
+                jobs.append(f"export[run={run}, published={'model' if full else 'adapter'}]")
+            elif rule != "merge" or not (full or settings.get("merge") is False):
+                jobs.append(f"{rule}[run={run}]")
     return jobs
