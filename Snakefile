@@ -16,6 +16,7 @@ report: "rules/captions/workflow.rst"
 include: "rules/config.smk"
 include: "rules/scripts.smk"
 include: "rules/paths.smk"
+include: "rules/summary.smk"
 
 
 wildcard_constraints:
@@ -34,6 +35,10 @@ rule all:
     input:
         final_outputs(),
     default_target: True
+
+
+onsuccess:
+    print_exact_match()
 
 
 include: "rules/data.smk"

@@ -4,7 +4,18 @@
 # checked. All of this happens before any job is scheduled.
 import os
 
-from snakemake.utils import validate
+from snakemake.utils import update_config, validate
+
+
+def replace_the_config_in_cluster_jobs_too():
+    """Snakemake (9.27) does not pass --replace-workflow-config on to the jobs it submits to a
+    cluster: they would see config/config.yaml merged into the config they were given, and
+    compute other settings than the workflow that submitted them. Replace it there too."""
+    if workflow.config_settings.replace_workflow_config:
+        os.environ.update(FINETUNE_WORKFLOW_CONFIG_REPLACED="1")
+    elif workflow.remote_exec and os.environ.get("FINETUNE_WORKFLOW_CONFIG_REPLACED") == "1":
+        config.clear()
+        update_config(config, workflow.config_settings.overwrite_config)
 
 
 def merge_run_defaults():
@@ -84,6 +95,7 @@ def check_hub_token():
                          "set HF_TOKEN or run `huggingface-cli login` (a token is never read from the config)")
 
 
+replace_the_config_in_cluster_jobs_too()
 merge_run_defaults()
 check_what_schema_defaults_would_hide()
 validate(config, "../schemas/config.schema.yaml")

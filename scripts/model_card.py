@@ -61,6 +61,13 @@ def number(value):
     return f"{value:.4g}" if isinstance(value, float) else ("–" if value is None else str(value))
 
 
+def setting(value):
+    """A setting as the config spells it: true/false, lists comma-separated."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def render(kind, run_name, base_model, settings, summary, evaluation, stats, license_id=None, repo_hint="."):
     datasets = [Path(s["file"]).stem for s in stats]
     front = yaml.safe_dump(metadata(kind, base_model, settings, datasets, license_id), sort_keys=False).strip()
@@ -80,7 +87,7 @@ def render(kind, run_name, base_model, settings, summary, evaluation, stats, lic
         lines.append(f"| exact_match: {task} | {number(evaluation['base']['exact_match_by_task'].get(task))} | "
                      f"{number(tuned)} |")
     lines += ["", "## Training\n", "| setting | value |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in training_settings(settings)]
+    lines += [f"| {key} | {setting(value)} |" for key, value in training_settings(settings)]
     lines += [f"| trainable parameters | {summary['trainable_parameters']:,} of {summary['total_parameters']:,} |",
               f"| optimizer steps | {summary['steps']} |",
               f"| wall time | {summary['wall_time_s']:.1f} s on {summary['processes']} process(es) |", ""]

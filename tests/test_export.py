@@ -65,7 +65,8 @@ EVALUATION = {"eval_records": 40, "eval_tokens": 110,
               "tuned": {"loss": 4.1, "perplexity": 60.3, "exact_match": 0.25, "rouge_l": 0.4, "bleu": 1.2, "chrf": 9.9}}
 SUMMARY = {"trainable_parameters": 7168, "total_parameters": 758400, "steps": 600, "wall_time_s": 4.2, "processes": 1}
 STATS = [{"file": "data/word_tasks.jsonl", "records": 200, "rejected": 3, "duplicates": 1}]
-SETTINGS = {"method": "qlora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "learning_rate": 0.0002}
+SETTINGS = {"method": "qlora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "learning_rate": 0.0002,
+            "use_rslora": False}
 
 
 def front_matter(card):
@@ -83,6 +84,7 @@ def test_model_card_metadata_parses_and_matches_the_run(kind, library):
     assert meta["datasets"] == ["word_tasks"] and "qlora" in meta["tags"]
     assert "| loss | 7.3 | 4.1 |" in card and "| exact_match | 0 | 0.25 |" in card
     assert "| r | 8 |" in card and "7,168 of 758,400" in card and "| word_tasks.jsonl | 200 | 3 | 1 |" in card
+    assert "| use_rslora | false |" in card and "| target_modules | q_proj, v_proj |" in card
     assert ("PeftModel.from_pretrained(base, 'me/r8-qv')" in card) == (kind == "adapter")
 
 

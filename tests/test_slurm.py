@@ -8,7 +8,7 @@ import yaml
 
 from conftest import REPO
 from slurm_cluster import Cluster, unavailable_reason
-from workflow import QUICK_CONFIG, copy_workflow, snakemake
+from workflow import copy_workflow, snakemake
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -60,11 +60,27 @@ def submissions(output):
     return {int(job): int(slurm_id) for job, slurm_id in SUBMITTED.findall(output)}
 
 
+# A small sweep (no pretraining, one task file, a LoRA run on a GPU and a full run on none): every SLURM job
+# waits for the plugin's status polling, whose interval grows while nothing finishes, so the DAG is kept shallow.
+SLURM_CONFIG = """
+base_models:
+  tiny: {build_tiny: {corpus: corpus, vocab_size: 512, hidden_size: 32, num_layers: 1}}
+datasets:
+  corpus: {path: data/pretrain_corpus.jsonl, format: completion, split: train}
+  word_tasks: {path: data/word_tasks.jsonl, format: alpaca}
+eval: {num_samples: 4, max_new_tokens: 4}
+run_defaults: {max_steps: 10, eval_every: 0, log_every: 5, max_length: 64, checkpoint_every: 0}
+runs:
+  lora-r16: {gpus: 1}
+  full: {method: full}
+"""
+
+
 def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, cluster):
     workdir = copy_workflow(tmp_path / "wf")
-    (workdir / "slurm.yaml").write_text(QUICK_CONFIG + "runs:\n  lora-r16:\n    gpus: 1\n")
+    (workdir / "slurm.yaml").write_text(SLURM_CONFIG)
     profile = make_test_profile(workdir)
-    args = ["--profile", str(profile), "--configfile", "slurm.yaml"]
+    args = ["--profile", str(profile), "--configfile", "slurm.yaml", "--replace-workflow-config"]
     planned = snakemake(workdir, "-n", *args, env=cluster.env).stdout
     expected_jobs = len(re.findall(r"^rule (?!all:)\w+:$", planned, flags=re.M))
 
@@ -88,4 +104,4 @@ def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, 
     resubmitted = submissions(second.stdout + second.stderr)
     assert len(resubmitted) == stale_jobs < expected_jobs
     assert "rule validate" in second.stdout + second.stderr
-    assert "rule build_tiny_model" not in second.stdout and "rule pretrain" not in second.stdout
+    assert "rule build_tiny_model" not in second.stdout
