@@ -77,7 +77,7 @@ def number_task(kind, rng):
 
 
 # Records per task kind (a successor has one record per number).
-WORD_KINDS = {"first_word": 400, "last_word": 400, "count_words": 400, "word_after": 400}
+WORD_KINDS = {"first_word": 600, "last_word": 600, "count_words": 600, "word_after": 600}
 NUMBER_KINDS = {"larger": 400, "smaller": 400, "successor": MAX_NUMBER + 1}
 
 
@@ -114,6 +114,8 @@ def list_sentences(words, rng):
         f"We read {text} and then read it again: {text}.",
         f"In {text}, after {words[i]} comes {words[i + 1]}.",
         f"Which word follows {words[i]} in {text}? It is {words[i + 1]}.",
+        f"List: {text}. Its first word is {words[0]}, its last word is {words[-1]}.",
+        f"List: {text}. Here {words[i + 1]} comes after {words[i]}.",
     ], rng.randint(2, 4))
 
 
@@ -157,12 +159,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data"))
     parser.add_argument("--documents", type=int, default=10000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     words = task_records(word_task, WORD_KINDS, rng)
     numbers = task_records(number_task, NUMBER_KINDS, rng)
+    rng = random.Random(f"corpus-{args.seed}")  # the corpus does not change with the number of task records
     write_jsonl(args.out / "word_tasks.jsonl", words)
     write_jsonl(args.out / "number_tasks.jsonl", numbers)
     used_lists = {r["input"].removeprefix("List: ") for r in words if r["input"].startswith("List: ")}

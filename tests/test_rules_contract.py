@@ -160,4 +160,4 @@ def test_jobs_run_this_environments_python_without_an_activated_venv(workdir):
                             env={**os.environ, "PATH": bare_path, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stats = json.loads((workdir / "results/data/word_tasks.stats.json").read_text())
-    assert stats["records"] == 1600 and len(stats["tokenized"]) == 1
+    assert stats["records"] == 2400 and len(stats["tokenized"]) == 1

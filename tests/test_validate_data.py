@@ -187,7 +187,7 @@ def test_cli_writes_records_rejected_and_stats(tmp_path):
     result, out = cli(tmp_path, REPO / "data" / "word_tasks.jsonl")
     assert result.returncode == 0, result.stderr
     stats = json.loads((out / "d.stats.json").read_text())
-    assert len((out / "d.jsonl").read_text().splitlines()) == stats["records"] == 1600
+    assert len((out / "d.jsonl").read_text().splitlines()) == stats["records"] == 2400
     assert (out / "d.rejected.jsonl").read_text() == "" and stats["rejected_by_reason"] == {}
 
 
