@@ -57,6 +57,7 @@ rule pretrain:
         tensorboard=directory("results/pretrain/{model}/tensorboard"),
     params:
         settings=lambda wc: script_flags("train", run=pretraining(wc.model)),
+        launcher=lambda wc: train_launcher(pretraining(wc.model)["gpus"]),
         checkpoints=lambda wc: f"results/checkpoints/pretrain-{wc.model}",
         gpu_pool=script("gpu_pool"),
     threads: 2
@@ -67,7 +68,8 @@ rule pretrain:
     conda:
         "../envs/finetune.yaml"
     shell:
-        "python {params.gpu_pool} --gpus {resources.gpu} -- python {input.script} --run-name pretrain-{wildcards.model}"
+        "python {params.gpu_pool} --gpus {resources.gpu} -- {params.launcher} {input.script}"
+        " --run-name pretrain-{wildcards.model}"
         " --base-model {input.model} --shards {input.shard} --output-dir {output.model} --metrics {output.metrics}"
         " --summary {output.summary} --samples {output.samples} --tensorboard-dir {output.tensorboard}"
         " --checkpoint-dir {params.checkpoints} {params.settings} --threads {threads} > {log} 2>&1"

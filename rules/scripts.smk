@@ -89,9 +89,8 @@ def card_flags(run_name, kind):
     return " ".join(flags)
 
 
-def train_launcher(run_name):
+def train_launcher(gpus):
     """Plain python for one device; accelerate (DDP) for a run with gpus > 1."""
-    gpus = RUNS[run_name]["gpus"]
     if gpus <= 1:
         return "python"
     return (f"accelerate launch --multi_gpu --num_processes {gpus} --num_machines 1 --dynamo_backend no "

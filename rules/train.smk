@@ -19,7 +19,7 @@ rule train:
         tensorboard=directory("results/runs/{run}/tensorboard"),
     params:
         base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
-        launcher=lambda wc: train_launcher(wc.run),
+        launcher=lambda wc: train_launcher(RUNS[wc.run]["gpus"]),
         settings=lambda wc: script_flags("train", run=RUNS[wc.run]),
         checkpoints=lambda wc: f"results/checkpoints/{wc.run}",
         gpu_pool=script("gpu_pool"),
