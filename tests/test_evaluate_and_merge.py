@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import evaluate
 from generation import encode_prompt
 from prompts import load_tokenizer
+from shards import read_shards
 from merge import merge
 
 PROMPTS = ["Add the two numbers.", {"instruction": "Reverse the order of these words.", "input": "red blue green"}]
@@ -28,7 +29,7 @@ def test_eval_reports_base_and_tuned_side_by_side(tiny_model, trained_run, shard
     for side in ("base", "tuned"):
         assert math.isclose(result[side]["perplexity"], math.exp(result[side]["loss"]))
     assert result["tuned"]["loss"] < result["base"]["loss"]
-    assert result["eval_records"] == 29 and result["eval_tokens"] > 0
+    assert result["eval_records"] == len(read_shards(shards, "eval")) > 0 and result["eval_tokens"] > 0
     assert [g["source"] for g in generations] == ["prompt"] * 2 + ["heldout"] * 4
     assert all(g["reference"] for g in generations[2:])
     for side in ("base", "tuned"):
