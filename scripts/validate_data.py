@@ -121,14 +121,50 @@ def read_lines(path):
                 yield number, text, None
 
 
+def _not_json(constant):
+    raise Problem("invalid_json", f"invalid JSON: {constant} is not a JSON value (RFC 8259 has no NaN or Infinity)")
+
+
+def _finite_number(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise Problem("invalid_json", f"invalid JSON: number {text[:30]} is out of range of a 64-bit float")
+    return value
+
+
+def _object_without_duplicate_keys(pairs):
+    keys = collections.Counter(key for key, _ in pairs)
+    repeated = [key for key, count in keys.items() if count > 1]
+    if repeated:
+        raise Problem("invalid_json", f"invalid JSON: key '{repeated[0]}' appears more than once in one object")
+    return dict(pairs)
+
+
+def parse_strict_json(text):
+    """A JSON value as a strict reader (RFC 8259; pyarrow, jq) accepts it: Python's json module alone
+    also takes NaN, Infinity, repeated keys, numbers beyond a float and lone surrogate escapes."""
+    try:
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite_number,
+                           object_pairs_hook=_object_without_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise Problem("invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except ValueError as exc:  # an integer with more digits than Python converts
+        raise Problem("invalid_json", f"invalid JSON: {exc}") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Problem("invalid_json", "invalid JSON: a \\u escape is half of a surrogate pair (not Unicode text)") from None
+    return value
+
+
 def check_record(text, fmt, schemas, first):
     """The parsed record and its format, or raise Problem (the first of its schema errors)."""
     array_hint = " (is this a JSON array file? write one object per line: JSONL)" if first else ""
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        hint = array_hint if text.lstrip().startswith("[") else ""
-        raise Problem("invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno}){hint}") from None
+        record = parse_strict_json(text)
+    except Problem as exc:
+        hint = array_hint if text.lstrip().startswith("[") and "column" in str(exc) else ""
+        raise Problem(exc.reason, f"{exc}{hint}") from None
     if not isinstance(record, dict):
         hint = array_hint if isinstance(record, list) else ""
         raise Problem("not_an_object", f"expected a JSON object per line, got {JSON_TYPES.get(type(record), 'value')}"
