@@ -2,6 +2,7 @@
 # everything is validated against schemas/config.schema.yaml (which also fills
 # in the defaults), then the cross-references a schema cannot express are
 # checked. All of this happens before any job is scheduled.
+import json
 import os
 
 from snakemake.utils import update_config, validate
@@ -61,12 +62,38 @@ def check_references():
                                  f"(configured: {', '.join(names[kind])})")
         if run["method"] == "full":
             run["merge"] = False
+        check_quantization(run_name, run)
         check_hub_target(run_name, run)
     for model, spec in config["base_models"].items():
         path = os.path.expanduser(spec.get("name_or_path", ""))
         looks_local = os.path.isabs(path) or path.startswith(os.curdir)
         if looks_local and not os.path.isdir(path):
             raise ValueError(f"base model '{model}': name_or_path {path} is not a directory")
+        check_remote_code(model, spec, path)
+
+
+def check_quantization(run_name, run):
+    if run["method"] == "full" and run["quantization"] != "none":
+        raise ValueError(f"run '{run_name}': method full trains every weight and cannot load the base quantized "
+                         f"(quantization {run['quantization']}); use an adapter method or quantization none")
+    if run["method"] == "qlora" and run["quantization"] == "8bit":
+        raise ValueError(f"run '{run_name}': qlora is LoRA on a 4bit base; for an 8bit base use method lora "
+                         "with quantization 8bit")
+
+
+def check_remote_code(model, spec, path):
+    """A local model folder that ships its own code (an auto_map) needs trust_remote_code:
+    stop before any job. (A Hub id is refused by transformers in its first job, the same way.)"""
+    if spec.get("trust_remote_code") or not os.path.isdir(path):
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                if json.load(f).get("auto_map"):
+                    raise ValueError(f"base model '{model}': {path} runs its own Python code (auto_map in {name}), "
+                                     "not code from transformers; read it, then set trust_remote_code: true on "
+                                     "this base model to allow it")
 
 
 def check_hub_target(run_name, run):

@@ -35,6 +35,7 @@ rule tokenize:
         stats="results/tokens/{tokenization}/{dataset}.stats.json",
     params:
         tokenizer=lambda wc: tokenizer_path(TOKENIZATIONS[wc.tokenization]["base_model"]),
+        source=lambda wc: config["datasets"][wc.dataset]["path"],
         settings=lambda wc: script_flags("tokenize_data", run=TOKENIZATIONS[wc.tokenization], dataset=wc.dataset),
     threads: 2
     log:
@@ -43,7 +44,7 @@ rule tokenize:
         "../envs/finetune.yaml"
     shell:
         "RAYON_NUM_THREADS={threads} python {input.script} --input {input.records} --tokenizer {params.tokenizer}"
-        " {params.settings} --output {output.shard} --stats {output.stats} > {log} 2>&1"
+        " --source {params.source:q} {params.settings} --output {output.shard} --stats {output.stats} 2>&1 | tee {log}"
 
 
 rule dataset_stats:

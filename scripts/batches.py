@@ -68,13 +68,23 @@ def real_tokens(batch):
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
+def summed_token_loss(model, batch):
+    """Sum of the cross-entropy over the trained tokens of a padded batch, computed from
+    the logits: passing labels would let a model add terms of its own (AdaLoRA adds its
+    orthogonality regularizer, and needs a trainable adapter to do so)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    trained = targets != IGNORE_INDEX
+    return torch.nn.functional.cross_entropy(logits[trained].float(), targets[trained], reduction="sum")
+
+
 @torch.no_grad()
 def mean_token_loss(model, examples, batch_size, pad_token_id):
     """Mean loss per trained token over the examples, and the number of trained tokens."""
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(model.device) for k, v in pad_batch(examples[start:start + batch_size], pad_token_id).items()}
-        tokens = count_trained_tokens(batch["labels"])
-        total_loss += model(**batch, num_items_in_batch=tokens, use_cache=False).loss.item() * tokens
-        total_tokens += tokens
+        total_loss += summed_token_loss(model, batch).item()
+        total_tokens += count_trained_tokens(batch["labels"])
     return total_loss / max(total_tokens, 1), total_tokens

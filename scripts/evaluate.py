@@ -15,32 +15,32 @@ import math
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
 from batches import mean_token_loss
 from generation import encode_prompt, generate, heldout_records, prompt_records, question, reference_answer
 from metrics import task_metrics
-from models import DTYPES, load_base_model, resolve_precision
+from models import DTYPES, load_adapter, load_base_model, resolve_precision
 from outputs import write_json, write_jsonl
-from prompts import load_tokenizer, resolve_template
+from prompts import load_tokenizer, resolve_template, stop_token_ids
 from settings import add_settings, check_settings
 from shards import read_shards
 
 
-def models_to_compare(base_model, trained_dir, dtype, device):
+def models_to_compare(base_model, trained_dir, tokenizer, dtype, device, trust_remote_code=False):
     """[(side, model, context)]: the base and the tuned model, each measured inside its
     context. An adapter is one model whose adapter is switched off for the base side;
     a full fine-tune is a second model."""
-    base = load_base_model(base_model, dtype=dtype).to(device).eval()
+    options = dict(dtype=dtype, tokenizer=tokenizer, trust_remote_code=trust_remote_code)
+    base = load_base_model(base_model, **options).to(device).eval()
     if (Path(trained_dir) / "adapter_config.json").exists():
-        tuned = PeftModel.from_pretrained(base, trained_dir).to(device).eval()
+        tuned = load_adapter(base, trained_dir).to(device).eval()
         return [("base", tuned, tuned.disable_adapter), ("tuned", tuned, contextlib.nullcontext)]
-    tuned = load_base_model(trained_dir, dtype=dtype).to(device).eval()
+    tuned = load_base_model(trained_dir, **options).to(device).eval()
     return [("base", base, contextlib.nullcontext), ("tuned", tuned, contextlib.nullcontext)]
 
 
 def evaluate(args):
-    tokenizer = load_tokenizer(args.trained_dir)
+    tokenizer = load_tokenizer(args.trained_dir, trust_remote_code=args.trust_remote_code)
     template = resolve_template(tokenizer, args.template)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[resolve_precision("auto", device)]
@@ -50,11 +50,12 @@ def evaluate(args):
     records = [("prompt", r) for r in prompt_records(args.prompts)]
     records += [("heldout", r) for r in heldout_records(args.records, [e["id"] for e in examples], args.num_samples)]
     prompts = [encode_prompt(r, tokenizer, template)[0] for _, r in records]
-    settings = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    settings = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
+                    top_p=args.top_p, seed=args.seed, stop_ids=stop_token_ids(tokenizer, template))
 
     losses, outputs = {}, {}
-    for side, model, context in models_to_compare(args.base_model, args.trained_dir, dtype, device):
+    for side, model, context in models_to_compare(args.base_model, args.trained_dir, tokenizer, dtype, device,
+                                                  args.trust_remote_code):
         with context():
             losses[side], tokens = mean_token_loss(model, examples, args.batch_size, tokenizer.pad_token_id)
             outputs[side] = generate(model, tokenizer, prompts, **settings)

@@ -8,23 +8,35 @@ import torch
 from prompts import adds_bos, as_messages, assemble, format_segments
 
 
+def completion_halves(text):
+    """A completion record is evaluated on continuing its text: (the first half, up to a
+    space near the middle, as the prompt; the rest as the reference)."""
+    middle = len(text) // 2
+    cut = text.rfind(" ", 0, middle + 1)
+    cut = cut if cut > 0 else middle
+    return text[:cut], text[cut:]
+
+
 def reference_answer(record):
     if record["format"] == "completion":
-        return record["text"]
+        return completion_halves(record["text"])[1].strip()
     return as_messages(record)[-1]["content"]
 
 
 def question(record):
     """What a record asks, as a reader would put it (the last user turn, without the template)."""
     if record["format"] == "completion":
-        return ""
+        return completion_halves(record["text"])[0]
     users = [m["content"] for m in as_messages(record) if m["role"] == "user"]
     return users[-1] if users else ""
 
 
 def encode_prompt(record, tokenizer, template):
     """Prompt ids for generation (everything before the last target) and the reference answer."""
-    segments = format_segments(record, tokenizer, template)
+    if record["format"] == "completion":
+        segments = [(completion_halves(record["text"])[0], False), ("", True)]
+    else:
+        segments = format_segments(record, tokenizer, template)
     last_target = max(i for i, (_, is_target) in enumerate(segments) if is_target)
     pieces = [(tokenizer(text, add_special_tokens=False).input_ids, False) for text, _ in segments[:last_target]]
     input_ids, _ = assemble(pieces, tokenizer.bos_token_id, tokenizer.eos_token_id, adds_bos(tokenizer),
@@ -58,9 +70,19 @@ def heldout_records(record_files, heldout_ids, count):
     return [records[record_id] for record_id in sorted(records)]
 
 
+def model_stop_ids(model, stop_ids):
+    """The answer-ending tokens and those the model's generation config names (a list or one id)."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted(set(stop_ids) | {i for i in configured if i is not None})
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, seed):
-    """Completions of tokenized prompts, batched with left padding."""
+def generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, seed, stop_ids):
+    """Completions of tokenized prompts, batched with left padding, ending at any of
+    `stop_ids` (see prompts.stop_token_ids); the pad token is never generated."""
+    stops = model_stop_ids(model, stop_ids)
+    suppress = [tokenizer.pad_token_id] if tokenizer.pad_token_id not in stops else None
     outputs = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -76,7 +98,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature,
             temperature=temperature if temperature > 0 else None,
             top_p=top_p if temperature > 0 else None,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
+            suppress_tokens=suppress,
         )
         outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return [o.strip() for o in outputs]

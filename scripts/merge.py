@@ -12,18 +12,18 @@ import argparse
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
-from models import DTYPES, load_base_model
+from models import DTYPES, load_adapter, load_base_model
 from outputs import save_pretrained_atomically
 from prompts import load_tokenizer
 from settings import add_settings, check_settings
 
 
-def merge(base_model, adapter_dir, output_dir, merge_dtype="fp32"):
-    model = PeftModel.from_pretrained(load_base_model(base_model, dtype=DTYPES[merge_dtype]), adapter_dir)
-    merged = model.merge_and_unload()
-    tokenizer = load_tokenizer(adapter_dir)
+def merge(base_model, adapter_dir, output_dir, merge_dtype="fp32", trust_remote_code=False):
+    tokenizer = load_tokenizer(adapter_dir, trust_remote_code=trust_remote_code)
+    base = load_base_model(base_model, dtype=DTYPES[merge_dtype], tokenizer=tokenizer,
+                           trust_remote_code=trust_remote_code)
+    merged = load_adapter(base, adapter_dir).merge_and_unload()
     return save_pretrained_atomically(output_dir, merged, tokenizer)
 
 
@@ -41,7 +41,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    merge(args.base_model, args.adapter_dir, args.output_dir, args.merge_dtype)
+    merge(args.base_model, args.adapter_dir, args.output_dir, args.merge_dtype, args.trust_remote_code)
     print(f"merged model written to {args.output_dir}")
 
 

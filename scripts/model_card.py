@@ -46,15 +46,18 @@ def metadata(kind, base_model, settings, datasets, license_id):
     return meta
 
 
-def usage(kind, base_model, repo_hint):
+def usage(kind, base_model, repo_hint, summary):
+    remote = ", trust_remote_code=True" if summary.get("trust_remote_code") else ""
     if kind == "adapter":
+        # A pad token added to a tokenizer that had none needs its row in the base's embeddings.
+        grow = "base.resize_token_embeddings(len(tokenizer))\n" if summary.get("added_pad_token") else ""
         return (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f"base = AutoModelForCausalLM.from_pretrained({base_model!r})\n"
-                f"model = PeftModel.from_pretrained(base, {repo_hint!r})\n"
-                f"tokenizer = AutoTokenizer.from_pretrained({repo_hint!r})")
+                f"tokenizer = AutoTokenizer.from_pretrained({repo_hint!r}{remote})\n"
+                f"base = AutoModelForCausalLM.from_pretrained({base_model!r}{remote})\n{grow}"
+                f"model = PeftModel.from_pretrained(base, {repo_hint!r})")
     return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"model = AutoModelForCausalLM.from_pretrained({repo_hint!r})\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({repo_hint!r})")
+            f"model = AutoModelForCausalLM.from_pretrained({repo_hint!r}{remote})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({repo_hint!r}{remote})")
 
 
 def number(value):
@@ -90,10 +93,11 @@ def render(kind, run_name, base_model, settings, summary, evaluation, stats, lic
     lines += [f"| {key} | {setting(value)} |" for key, value in training_settings(settings)]
     lines += [f"| trainable parameters | {summary['trainable_parameters']:,} of {summary['total_parameters']:,} |",
               f"| optimizer steps | {summary['steps']} |",
+              f"| trust_remote_code | {setting(summary.get('trust_remote_code', False))} |",
               f"| wall time | {summary['wall_time_s']:.1f} s on {summary['processes']} process(es) |", ""]
     lines += ["## Data\n", "| dataset | records | rejected | duplicates |", "|---|---|---|---|"]
     lines += [f"| {Path(s['file']).name} | {s['records']} | {s['rejected']} | {s['duplicates']} |" for s in stats]
-    lines += ["", "## Usage\n", "```python", usage(kind, base_model, repo_hint), "```", ""]
+    lines += ["", "## Usage\n", "```python", usage(kind, base_model, repo_hint, summary), "```", ""]
     return "\n".join(lines)
 
 

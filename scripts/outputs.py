@@ -43,9 +43,9 @@ def write_jsonl(path, rows):
         partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
-def save_pretrained_atomically(output_dir, *objects, **save_kwargs):
-    """save_pretrained each object (model, adapter, tokenizer) into one folder, atomically."""
+def save_pretrained_atomically(output_dir, model, tokenizer, **model_options):
+    """save_pretrained a model (or adapter) and its tokenizer into one folder, atomically."""
     with atomic_path(output_dir) as partial:
-        for obj in objects:
-            obj.save_pretrained(partial, **save_kwargs)
+        model.save_pretrained(partial, **model_options)
+        tokenizer.save_pretrained(partial)
     return Path(output_dir)

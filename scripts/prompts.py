@@ -6,6 +6,9 @@ answers is IGNORE_INDEX.
 Tokenization and generation both format records through `format_segments`,
 so what the model sees at inference time is exactly what it was trained on.
 """
+import os
+import re
+
 from transformers import AutoTokenizer
 
 IGNORE_INDEX = -100
@@ -33,23 +36,89 @@ def as_messages(record):
     return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
 
 
+SYSTEM_PROBE = "SYSTEM-PROBE-7f3a"
+
+
+def renders_system_turns(tokenizer):
+    """Whether the chat template renders a system turn (some raise on one, some drop it silently)."""
+    cached = getattr(tokenizer, "_renders_system_turns", None)
+    if cached is None or cached[0] != tokenizer.chat_template:
+        probe = [{"role": "system", "content": SYSTEM_PROBE}, {"role": "user", "content": "hi"}]
+        try:
+            rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            cached = (tokenizer.chat_template, SYSTEM_PROBE in rendered)
+        except Exception:  # jinja's raise_exception, or a template error on the role
+            cached = (tokenizer.chat_template, False)
+        tokenizer._renders_system_turns = cached
+    return cached[1]
+
+
+def fold_system_turns(messages):
+    """Each system turn joined to the start of the user turn after it (system text, a blank
+    line, user text): the rule for chat templates that cannot render a system turn."""
+    folded, pending = [], []
+    for message in messages:
+        if message["role"] == "system":
+            pending.append(message["content"])
+        elif message["role"] == "user" and pending:
+            folded.append({"role": "user", "content": "\n\n".join(pending + [message["content"]])})
+            pending = []
+        elif pending:
+            raise ValueError("a system turn is not followed by a user turn, and this chat template cannot render "
+                             "system turns, so it cannot be folded into one")
+        else:
+            folded.append(message)
+    return folded
+
+
+def _render(tokenizer, messages, **options):
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except Exception as exc:  # jinja's raise_exception() and template errors alike
+        raise ValueError(f"the chat template cannot render this conversation: {exc}") from None
+
+
+def _special_texts(tokenizer):
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_tokens) | {token.content for token in added.values() if token.special}
+
+
+def _answer_end(answer, content, specials):
+    """Where the trained part of a rendered assistant turn ends: after the first special
+    token that follows its content (the template's end-of-turn marker: </s>, <|im_end|>,
+    <|eot_id|>, <end_of_turn>, <|end|>); without one, before trailing whitespace."""
+    content_end = answer.find(content.strip()) + len(content.strip()) if content.strip() in answer else 0
+    found = [(answer.find(token, content_end), token) for token in specials if answer.find(token, content_end) >= 0]
+    if found:
+        position, token = min(found, key=lambda item: (item[0], -len(item[1])))
+        return position + len(token)
+    return len(answer.rstrip())
+
+
 def _chat_template_segments(messages, tokenizer):
-    segments, rendered = [], ""
+    """(text, is_target) pieces of a conversation rendered by the chat template: each
+    assistant turn's prompt is the template's generation prompt for the turns before
+    it, so prompts at inference time are exactly what training saw."""
+    if not renders_system_turns(tokenizer) and any(m["role"] == "system" for m in messages):
+        messages = fold_system_turns(messages)
+    whole = _render(tokenizer, messages)
+    specials = _special_texts(tokenizer)
+    segments, position = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (prompt.startswith(rendered) and full.startswith(prompt)):
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto_turn = _render(tokenizer, messages[: i + 1])
+        if not (whole.startswith(prompt) and len(prompt) >= position):
             raise ValueError("the tokenizer's chat template does not render conversations prefix by prefix; "
                              "set the base model's template to 'alpaca' instead")
-        answer = full[len(prompt):]
-        # Whitespace a template puts after the end of a turn is not part of the answer.
-        segments += [(prompt[len(rendered):], False), (answer.rstrip(), True)]
-        if answer != answer.rstrip():
-            segments.append((answer[len(answer.rstrip()):], False))
-        rendered = full
-    return segments
+        turn_end = len(os.path.commonprefix([upto_turn, whole]))
+        answer_end = len(prompt) + _answer_end(whole[len(prompt):turn_end], message["content"], specials)
+        segments += [(whole[position:len(prompt)], False), (whole[len(prompt):answer_end], True)]
+        position = answer_end
+    if position < len(whole):
+        segments.append((whole[position:], False))
+    return [(text, is_target) for text, is_target in segments if text or is_target]
 
 
 def _plain_chat_segments(messages, eos_token):
@@ -88,10 +157,18 @@ def adds_bos(tokenizer):
     return bos is not None and tokenizer("", add_special_tokens=True).input_ids[:1] == [bos]
 
 
-def assemble(pieces, bos, eos, wants_bos, train_on_inputs=False, append_eos=True):
+def special_ids(tokenizer):
+    """Ids of the tokenizer's special tokens, the added ones (end-of-turn markers) included."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
+
+
+def assemble(pieces, bos, eos, wants_bos, train_on_inputs=False, append_eos=True, ends_turn=()):
     """Token ids and labels from (ids, is_target) pieces: exactly one BOS where
     the model expects one, prompt tokens masked unless train_on_inputs, and EOS
-    appended (and trained on) when the last target does not already hold it."""
+    appended (and trained on) unless the last target already ends with EOS or
+    with one of `ends_turn` (a chat template's own end-of-turn token, such as
+    <|im_end|> or <end_of_turn>, which then stops generation)."""
     input_ids, labels = [], []
     for ids, is_target in pieces:
         input_ids += ids
@@ -101,7 +178,8 @@ def assemble(pieces, bos, eos, wants_bos, train_on_inputs=False, append_eos=True
     while bos is not None and input_ids[:2] == [bos, bos]:
         input_ids, labels = input_ids[1:], labels[1:]
     last_answer = [ids for ids, is_target in pieces if is_target][-1:]
-    if append_eos and eos is not None and last_answer and eos not in last_answer[0]:
+    ended = last_answer and last_answer[0][-1:] and (last_answer[0][-1] == eos or last_answer[0][-1] in ends_turn)
+    if append_eos and eos is not None and last_answer and not ended:
         input_ids, labels = input_ids + [eos], labels + [eos]
     return input_ids, labels
 
@@ -124,9 +202,23 @@ def encode_batch(records, tokenizer, template, train_on_inputs=False):
     segments = [format_segments(record, tokenizer, template) for record in records]
     token_ids = iter(tokenize_texts([text for record_segments in segments for text, _ in record_segments], tokenizer))
     specials = tokenizer.bos_token_id, tokenizer.eos_token_id, adds_bos(tokenizer)
+    ends_turn = special_ids(tokenizer) if template == "chat" else ()
     return [assemble([(next(token_ids), is_target) for _, is_target in record_segments], *specials,
-                     train_on_inputs=train_on_inputs)
+                     train_on_inputs=train_on_inputs, ends_turn=ends_turn)
             for record_segments in segments]
+
+
+def stop_token_ids(tokenizer, template):
+    """Tokens that end an answer: EOS, and with a chat template the special token it closes
+    assistant turns with when that is not EOS (Gemma's <end_of_turn>, Llama 3's <|eot_id|>)."""
+    stops = {tokenizer.eos_token_id} - {None}
+    if template == "chat":
+        probe = {"format": "chat", "messages": [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "ok"}]}
+        answer = [text for text, is_target in format_segments(probe, tokenizer, template) if is_target][-1]
+        last = tokenize_texts([answer], tokenizer)[0][-1:]
+        stops |= set(last) & special_ids(tokenizer)
+    return sorted(stops)
 
 
 def encode_record(record, tokenizer, template, max_length, train_on_inputs=False):
@@ -144,14 +236,34 @@ def count_trained_tokens(labels):
 
 # ---------------------------------------------------------------- tokenizer
 
-def load_tokenizer(name_or_path, chat_template=None):
-    """The base model's tokenizer, with `chat_template` replacing its own if given.
-    Labels are built explicitly, so a pad token that equals EOS cannot mask EOS
-    out of the loss; still prefer a distinct one."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+PAD_LIKE = re.compile(r"pad|reserved|unused", re.IGNORECASE)
+ADDED_PAD = "<|pad|>"
+
+
+def distinct_pad_token(tokenizer):
+    """A pad token that is not EOS for a tokenizer without one (or whose pad is EOS):
+    its unknown token, else a spare special token made for padding or reserved
+    (<|finetune_right_pad_id|>, <|fim_pad|>, <|reserved_special_token_0|>, <unused0>),
+    else a new <|pad|> token (the model's embeddings then grow by a row: see load_base_model)."""
+    taken = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id not in taken:
+        return tokenizer.unk_token
+    spare = [token.content for token_id, token in sorted(getattr(tokenizer, "added_tokens_decoder", {}).items())
+             if token.special and token_id not in taken and PAD_LIKE.search(token.content)]
+    return spare[0] if spare else ADDED_PAD
+
+
+def load_tokenizer(name_or_path, chat_template=None, trust_remote_code=False):
+    """The base model's tokenizer, with `chat_template` replacing its own if given, and a
+    pad token distinct from EOS. Labels are built explicitly, so a pad equal to EOS could
+    not mask EOS out of the loss; a distinct one keeps padding unambiguous for any reader."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if chat_template:
         tokenizer.chat_template = chat_template
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        pad = distinct_pad_token(tokenizer)
+        if pad == ADDED_PAD:
+            tokenizer.add_special_tokens({"pad_token": ADDED_PAD})
+        else:
+            tokenizer.pad_token = pad
     return tokenizer
-

@@ -20,13 +20,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from outputs import atomic_path, write_json  # noqa: E402
-from prompts import count_trained_tokens, encode_batch, load_tokenizer, resolve_template  # noqa: E402
+from prompts import count_trained_tokens, encode_batch, format_segments, load_tokenizer, resolve_template  # noqa: E402
 from settings import add_settings, check_settings  # noqa: E402
 from shards import SHARD_SCHEMA  # noqa: E402
 
@@ -71,9 +72,27 @@ def write_batch(writer, batch, encoded, counts, max_length, too_long, split, fra
     return np.array([len(ids) for ids, _ in encoded], dtype=np.int32)
 
 
+class RecordError(Exception):
+    """A record the prompt template cannot format, named by its file and line."""
+
+
+def encode_or_explain(batch, tokenizer, template, train_on_inputs, source):
+    """The batch encoded, or RecordError naming the first record that cannot be (file:line: why)."""
+    try:
+        return encode_batch(batch, tokenizer, template, train_on_inputs)
+    except ValueError:
+        for record in batch:
+            try:
+                format_segments(record, tokenizer, template)
+            except ValueError as exc:
+                raise RecordError(f"{source}:{record.get('line', '?')}: {exc}") from None
+        raise
+
+
 def tokenize_file(input_path, tokenizer, template, max_length, output_path, train_on_inputs=False,
-                  too_long="truncate", split="auto", fraction=0.1, batch_size=1000):
-    """Write the shard and return its stats (counts and token-length percentiles)."""
+                  too_long="truncate", split="auto", fraction=0.1, batch_size=1000, source=None):
+    """Write the shard and return its stats (counts and token-length percentiles).
+    `source` names the original data file in errors (default: input_path)."""
     template = resolve_template(tokenizer, template)
     batch_lengths = []
     counts = {"records": 0, "too_long": 0, "truncated": 0, "dropped_too_long": 0, "tokens": 0, "trained_tokens": 0,
@@ -82,7 +101,7 @@ def tokenize_file(input_path, tokenizer, template, max_length, output_path, trai
     with atomic_path(output_path) as partial:
         with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, SHARD_SCHEMA) as writer:
             while batch := list(itertools.islice(records, batch_size)):
-                encoded = encode_batch(batch, tokenizer, template, train_on_inputs)
+                encoded = encode_or_explain(batch, tokenizer, template, train_on_inputs, source or input_path)
                 batch_lengths.append(write_batch(writer, batch, encoded, counts, max_length, too_long, split,
                                                  fraction))
     lengths = np.concatenate(batch_lengths) if batch_lengths else np.zeros(0, dtype=np.int32)
@@ -97,15 +116,19 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer", required=True, help="local path or Hub id of the base model")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--stats", type=Path, required=True)
+    parser.add_argument("--source", type=Path, default=None, help="the dataset's original file, named in errors")
     add_settings(parser, "tokenize_data")
     return check_settings(parser.parse_args(argv), "tokenize_data")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    tokenizer = load_tokenizer(args.tokenizer, args.chat_template)
-    stats = tokenize_file(args.input, tokenizer, args.template, args.max_length, args.output, args.train_on_inputs,
-                          args.too_long, args.split, args.fraction)
+    tokenizer = load_tokenizer(args.tokenizer, args.chat_template, args.trust_remote_code)
+    try:
+        stats = tokenize_file(args.input, tokenizer, args.template, args.max_length, args.output,
+                              args.train_on_inputs, args.too_long, args.split, args.fraction, source=args.source)
+    except RecordError as exc:
+        sys.exit(str(exc))
     write_json(args.stats, stats)
     print(f"{args.input}: {stats['records']} records ({stats['train']} train, {stats['eval']} eval), "
           f"{stats['tokens']} tokens, {stats['too_long']} longer than {args.max_length} "

@@ -36,14 +36,14 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
 from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, get_scheduler
+from transformers import BitsAndBytesConfig, get_scheduler
 
 from batches import mean_token_loss, micro_batch_indices, pack_batch, pad_batch, real_tokens
 from checkpoints import fingerprint, load_checkpoint, save_checkpoint
 from generation import encode_prompt, generate, prompt_records, reference_answer
-from models import DTYPES, load_base_model, resolve_precision
+from models import DTYPES, adaptable_module_names, load_base_model, load_config, missing_target_modules, resolve_precision
 from outputs import save_pretrained_atomically, write_json
-from prompts import count_trained_tokens, load_tokenizer, resolve_template
+from prompts import ADDED_PAD, count_trained_tokens, load_tokenizer, resolve_template, stop_token_ids
 from settings import add_settings, check_settings
 from shards import read_shards
 from training_log import TrainingLog
@@ -66,10 +66,32 @@ def hardware_problems(args, device, precision):
         problems.append("precision bf16 is not supported by this GPU (use fp16)")
     if args.optimizer.startswith("paged_") and not cuda:
         problems.append(f"optimizer {args.optimizer} pages optimizer state between GPU and CPU and needs a CUDA GPU")
-    needs_bnb = args.method == "qlora" or args.optimizer != "adamw"
+    if args.method == "dora" and quantization_of(args) == "8bit" and not cuda:
+        problems.append("DoRA on an 8bit base fails inside bitsandbytes on CPU (DoRA reads the int8 weights, which "
+                        "then lose their scales); use quantization 4bit, method lora, or a GPU")
+    needs_bnb = quantization_of(args) != "none" or args.optimizer != "adamw"
     if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(f"method {args.method} / optimizer {args.optimizer} needs bitsandbytes (pip install bitsandbytes)")
+        problems.append(f"method {args.method} with quantization {quantization_of(args)} and optimizer "
+                        f"{args.optimizer} needs bitsandbytes (pip install bitsandbytes)")
     return problems
+
+
+def quantization_of(args):
+    """How the base is loaded: qlora is lora on a 4bit base."""
+    return "4bit" if args.method == "qlora" else args.quantization
+
+
+def check_architecture(args):
+    """Stop before any weights load when the model's code may not run or it lacks the adapter's target modules."""
+    config = load_config(args.base_model, args.trust_remote_code)
+    if args.method == "full":
+        return
+    available = adaptable_module_names(config, args.trust_remote_code)
+    missing = missing_target_modules(args.target_modules, available)
+    if missing:
+        sys.exit(f"[{args.run_name}] target_modules {', '.join(missing)}: {type(config).__name__.replace('Config', '')} "
+                 f"models have no such layer. Their adaptable layers are: {', '.join(available)} "
+                 "(or use all-linear)")
 
 
 def setup_device(args):
@@ -95,17 +117,21 @@ def setup_data(args, num_processes):
     return train_examples, eval_examples, steps_per_epoch, total_steps
 
 
-def load_model(args, precision, accelerator):
+def load_model(args, precision, accelerator, tokenizer):
     # Full fine-tuning keeps fp32 master weights (mixed precision autocasts the compute);
     # adapter methods train small fp32 adapters on a base stored in the compute dtype.
     dtype = torch.float32 if args.method == "full" else DTYPES[precision]
-    if args.method != "qlora":
-        return load_base_model(args.base_model, dtype=dtype, attn_implementation=args.attn_implementation)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.base_model, quantization_config=quantization, dtype=dtype, attn_implementation=args.attn_implementation,
-        device_map={"": accelerator.device})
+    common = dict(dtype=dtype, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code,
+                  tokenizer=tokenizer)
+    if quantization_of(args) == "none":
+        return load_base_model(args.base_model, **common)
+    if quantization_of(args) == "4bit":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=dtype)
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    model = load_base_model(args.base_model, quantization_config=quantization, device_map={"": accelerator.device},
+                            **common)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -133,9 +159,9 @@ def peft_config(args, total_steps):
 
 def setup_model(args, precision, accelerator, total_steps):
     """The base model with a fresh adapter (every parameter trainable for full), and its tokenizer."""
-    tokenizer = load_tokenizer(args.base_model, args.chat_template)
-    model = load_model(args, precision, accelerator)
-    if args.gradient_checkpointing and args.method != "qlora":
+    tokenizer = load_tokenizer(args.base_model, args.chat_template, args.trust_remote_code)
+    model = load_model(args, precision, accelerator, tokenizer)
+    if args.gradient_checkpointing and quantization_of(args) == "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.method != "full":
             model.enable_input_require_grads()
@@ -156,6 +182,7 @@ def make_optimizer(args, parameters):
 def setup(args):
     """Everything the loop needs, resumed from a matching checkpoint when there is one."""
     accelerator, device, precision = setup_device(args)
+    check_architecture(args)
     packing = args.packing == "on" or (args.packing == "auto" and args.attn_implementation == "flash_attention_2")
     set_seed(args.seed)
     train_examples, eval_examples, steps_per_epoch, total_steps = setup_data(args, accelerator.num_processes)
@@ -170,10 +197,11 @@ def setup(args):
         train_examples=train_examples, eval_examples=eval_examples, total_steps=total_steps, tokenizer=tokenizer,
         trainable=trainable, total=total, scheduler=scheduler, start_step=0, elapsed_before=0.0,
         history={"metrics": [], "samples": []}, sample_prompts=sample_prompts(args, tokenizer),
+        stop_ids=sample_stop_ids(args, tokenizer),
         checkpoints=Path(args.checkpoint_dir) if args.checkpoint_dir else None, fingerprint=None)
     say(run, f"{args.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
              f"{len(train_examples)} train / {len(eval_examples)} eval records; {total_steps} steps "
-             f"({steps_per_epoch} per epoch); {precision}, {args.attn_implementation}, "
+             f"({steps_per_epoch} per epoch); {precision}, {model.config._attn_implementation} attention, "
              f"{'packed' if packing else 'length-grouped'} batches, {accelerator.num_processes} process(es)")
     if run.checkpoints:
         run.fingerprint = fingerprint(args)
@@ -241,12 +269,16 @@ def sample_prompts(args, tokenizer):
     return [(record, encode_prompt(record, tokenizer, template)[0]) for record in prompt_records(args.prompts)]
 
 
+def sample_stop_ids(args, tokenizer):
+    return stop_token_ids(tokenizer, resolve_template(tokenizer, args.template)) if args.sample_every else []
+
+
 def samples_at(run, step):
     """The tuned model's greedy answers to the sample prompts at this step."""
     run.model.eval()
     answers = generate(run.unwrapped, run.tokenizer, [ids for _, ids in run.sample_prompts],
                        max_new_tokens=run.args.max_new_tokens, batch_size=len(run.sample_prompts), temperature=0.0,
-                       top_p=1.0, seed=run.args.seed)
+                       top_p=1.0, seed=run.args.seed, stop_ids=run.stop_ids)
     run.model.train()
     return [{"step": step, "prompt": run.tokenizer.decode(ids), "reference": reference_answer(record), "answer": answer}
             for (record, ids), answer in zip(run.sample_prompts, answers)]
@@ -285,12 +317,16 @@ def save(run, tokens_seen):
     args, processes = run.args, run.accelerator.num_processes
     session_time = time.perf_counter() - run.started
     wall_time = run.elapsed_before + session_time
-    output_dir = save_pretrained_atomically(args.output_dir, run.unwrapped, run.tokenizer)
+    # An added pad token's embedding row is zeros, rebuilt wherever the adapter loads: not saved with it.
+    options = {} if args.method == "full" else {"save_embedding_layers": False}
+    output_dir = save_pretrained_atomically(args.output_dir, run.unwrapped, run.tokenizer, **options)
     write_json(args.summary, {
         "run": args.run_name, "method": args.method, "trainable_parameters": run.trainable,
         "total_parameters": run.total, "train_records": len(run.train_examples),
         "eval_records": len(run.eval_examples), "steps": run.total_steps, "resumed_from_step": run.start_step,
-        "precision": run.precision, "attn_implementation": args.attn_implementation, "packing": run.packing,
+        "quantization": quantization_of(args), "trust_remote_code": args.trust_remote_code,
+        "added_pad_token": run.tokenizer.pad_token == ADDED_PAD,
+        "precision": run.precision, "attn_implementation": run.unwrapped.config._attn_implementation, "packing": run.packing,
         "processes": processes, "wall_time_s": wall_time, "peak_memory_mb": peak_memory_mb(run.device),
         "session_time_s": session_time, "session_tokens": tokens_seen * processes,
         "session_tokens_per_s": tokens_seen * processes / session_time,
@@ -363,7 +399,12 @@ def parse_args(argv=None):
     parser.add_argument("--run-name", default="run")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     add_settings(parser, "train")
-    return check_settings(parser.parse_args(argv), "train")
+    args = check_settings(parser.parse_args(argv), "train")
+    if args.method == "full" and args.quantization != "none":
+        parser.error(f"method full trains every weight; it cannot load the base with quantization {args.quantization}")
+    if args.method == "qlora" and args.quantization == "8bit":
+        parser.error("qlora is lora on a 4bit base; for an 8bit base use --method lora --quantization 8bit")
+    return args
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-import argparse
+import json
 import math
 
 import torch
@@ -17,10 +17,11 @@ PROMPTS = ["Add the two numbers.", {"instruction": "Reverse the order of these w
 def run_evaluate(tiny_model, trained_run, shards, tmp_path, num_samples=4):
     records = tmp_path / "records.jsonl"
     records.write_text("".join((shard.with_suffix(".jsonl")).read_text() for shard in shards))
-    args = argparse.Namespace(
-        base_model=str(tiny_model), trained_dir=trained_run / "trained", shards=shards, records=[records],
-        run_name="test-run", template="auto", prompts=PROMPTS, num_samples=num_samples,
-        max_new_tokens=8, temperature=0.0, top_p=1.0, batch_size=3, seed=0)
+    args = evaluate.parse_args([
+        "--base-model", str(tiny_model), "--trained-dir", str(trained_run / "trained"), "--shards", *map(str, shards),
+        "--records", str(records), "--eval-json", str(tmp_path / "eval.json"), "--generations", str(tmp_path / "g.jsonl"),
+        "--run-name", "test-run", "--prompts", json.dumps(PROMPTS), "--num-samples", str(num_samples),
+        "--max-new-tokens", "8", "--batch-size", "3"])
     return evaluate.evaluate(args)
 
 
@@ -58,7 +59,7 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_model, trained_r
     tokenizer = load_tokenizer(trained_run / "trained")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "trained")
     prompts = [tokenizer(text).input_ids for text in ["Add", "Sort these words alphabetically. red blue"]]
-    settings = dict(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=0)
+    settings = dict(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=0, stop_ids=[tokenizer.eos_token_id])
     batched = evaluate.generate(model, tokenizer, prompts, batch_size=2, **settings)
     single = [evaluate.generate(model, tokenizer, [p], batch_size=1, **settings)[0] for p in prompts]
     assert batched == single

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import train
@@ -45,7 +46,8 @@ def test_each_method_trains_and_saves_a_loadable_adapter(tmp_path, tiny_model, s
     assert json.loads((out / "summary.json").read_text())["method"] == method
 
 
-def test_qlora_quantizes_the_base_to_4bit_nf4(tmp_path, tiny_model, shards, monkeypatch):
+def quantized_base_of(monkeypatch, tmp_path, tiny_model, shards, *extra):
+    """(type of a base linear layer, quantization config) as training saw them, and the run folder."""
     seen = {}
     original = train.prepare_model_for_kbit_training
 
@@ -55,17 +57,50 @@ def test_qlora_quantizes_the_base_to_4bit_nf4(tmp_path, tiny_model, shards, monk
         return original(model, **kwargs)
 
     monkeypatch.setattr(train, "prepare_model_for_kbit_training", spy)
-    run_train(tmp_path, tiny_model, shards, "--method", "qlora", "--max-steps", "2")
+    out = run_train(tmp_path, tiny_model, shards, "--max-steps", "4", "--learning-rate", "1e-2", *extra)
     quantization = seen["quantization"]
-    quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
-    assert seen["linear"] == "Linear4bit"
+    return seen["linear"], quantization if isinstance(quantization, dict) else quantization.to_dict(), out
+
+
+def test_qlora_quantizes_the_base_to_4bit_nf4(tmp_path, tiny_model, shards, monkeypatch):
+    linear, quantization, _ = quantized_base_of(monkeypatch, tmp_path, tiny_model, shards, "--method", "qlora")
+    assert linear == "Linear4bit"
     assert quantization["bnb_4bit_quant_type"] == "nf4" and quantization["bnb_4bit_use_double_quant"]
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_adapters_train_on_an_8bit_base(tmp_path, tiny_model, shards, monkeypatch, method):
+    linear, quantization, out = quantized_base_of(monkeypatch, tmp_path, tiny_model, shards, "--method", method,
+                                                  "--quantization", "8bit")
+    assert linear == "Linear8bitLt" and quantization["load_in_8bit"]
+    assert json.loads((out / "summary.json").read_text())["quantization"] == "8bit"
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in metrics_of(out))
+    assert (out / "trained" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "full", "--quantization", "4bit"], "method full trains every weight"),
+    (["--method", "qlora", "--quantization", "8bit"], "qlora is lora on a 4bit base"),
+])
+def test_quantization_that_does_not_fit_the_method_is_refused(tmp_path, tiny_model, shards, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, tiny_model, shards, "--max-steps", "2", *extra)
+    assert message in capsys.readouterr().err
+
+
+def test_target_modules_the_architecture_lacks_are_named_with_the_ones_it_has(tmp_path, tiny_model, shards):
+    with pytest.raises(SystemExit, match=r"\[run\] target_modules c_attn, qkv: Llama models have no such layer. "
+                                         r"Their adaptable layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, "
+                                         r"up_proj, v_proj \(or use all-linear\)"):
+        run_train(tmp_path, tiny_model, shards, "--max-steps", "2", "--target-modules", "q_proj", "c_attn", "qkv")
+    assert not (tmp_path / "run").exists(), "stopped before anything was written"
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--attn-implementation", "flash_attention_2"], "flash_attention_2 needs a CUDA GPU"),
     (["--precision", "fp16"], "precision fp16 needs a CUDA GPU"),
     (["--optimizer", "paged_adamw_8bit"], "paged_adamw_8bit pages optimizer state between GPU and CPU"),
+    (["--method", "dora", "--quantization", "8bit"], "DoRA on an 8bit base fails inside bitsandbytes on CPU"),
 ])
 def test_unusable_hardware_choices_stop_before_training(tmp_path, tiny_model, shards, extra, message):
     with pytest.raises(SystemExit, match=rf"\[run\] cannot train on cpu: .*{message}"):
@@ -171,3 +206,30 @@ def test_samples_survive_a_resume(tmp_path, tiny_model, shards):
     run_train(tmp_path, tiny_model, shards, *common)
     steps = [json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]
+
+
+def test_adalora_resumes_to_the_same_adapter_as_an_uninterrupted_run(tmp_path, tiny_model, shards, monkeypatch):
+    """AdaLoRA's rank allocator (importance estimates, budget) is part of the checkpoint."""
+    settings = ["--method", "adalora", "--max-steps", "20", "--learning-rate", "1e-2", "--target-modules", "all-linear"]
+    straight = run_train(tmp_path, tiny_model, shards, *settings, name="straight")
+    checkpoints = ["--checkpoint-every", "6", "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    original_step = train.train_step
+
+    def interrupted(run, step):
+        if step == 15:
+            raise KeyboardInterrupt
+        return original_step(run, step)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, tiny_model, shards, *settings, *checkpoints, name="resumed")
+    monkeypatch.setattr(train, "train_step", original_step)
+    resumed = run_train(tmp_path, tiny_model, shards, *settings, *checkpoints, name="resumed")
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 12
+    expected = load_file(straight / "trained" / "adapter_model.safetensors")
+    got = load_file(resumed / "trained" / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.allclose(expected[name], got[name], atol=1e-6) for name in expected)
+    config = json.loads((resumed / "trained" / "adapter_config.json").read_text())
+    assert config["rank_pattern"], "the budget phase ended and fixed the ranks"
+    assert config["rank_pattern"] == json.loads((straight / "trained" / "adapter_config.json").read_text())["rank_pattern"]

@@ -47,6 +47,10 @@ def test_default_dag_has_one_training_job_per_run_and_shared_shards(workdir):
      "base model 'tiny-llama': pretraining is always method full"),
     ("base_models:\n  tiny-llama:\n    build_tiny:\n      corpus: nope\n",
      "base model 'tiny-llama': build_tiny.corpus 'nope' is not a dataset"),
+    ("runs:\n  full:\n    quantization: 4bit\n", "run 'full': method full trains every weight and cannot load the base "
+                                                 "quantized (quantization 4bit)"),
+    ("runs:\n  lora-r16:\n    method: qlora\n    quantization: 8bit\n", "run 'lora-r16': qlora is LoRA on a 4bit base"),
+    ("runs:\n  lora-r16:\n    quantization: 2bit\n", "'2bit' is not one of ['none', '4bit', '8bit']"),
 ])
 def test_bad_config_fails_before_any_job_and_names_the_key(workdir, override, message):
     result = snakemake(workdir, "-n", *write_config(workdir, override), check=False)

@@ -1,0 +1,171 @@
+"""Model families off the default path: labels against each family's own chat
+template token for token, the pad and stop tokens each family gets, and a
+matrix that runs the real chain (tokenize, train a few steps, evaluate,
+merge, reload with stock transformers/peft) for every method on at least
+two families, every family and every data format."""
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import evaluate
+import merge
+import train
+from model_families import FAMILIES, build_family_model
+from prompts import IGNORE_INDEX, encode_record, fold_system_turns, load_tokenizer, stop_token_ids
+from tokenize_data import tokenize_file
+from validate_data import validate_file
+
+CHAT = {"format": "chat", "messages": [
+    {"role": "system", "content": "Answer with one word."},
+    {"role": "user", "content": "First word: café au lait"},
+    {"role": "assistant", "content": "café"},
+    {"role": "user", "content": "Last word: red blue green"},
+    {"role": "assistant", "content": "green"}]}
+ALPACA = {"format": "alpaca", "instruction": "Give the first word.", "input": "naïve red", "output": "naïve"}
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("families")
+    return {name: build_family_model(name, folder / name) for name in FAMILIES}
+
+
+def as_chat(record):
+    if record["format"] == "chat":
+        return record["messages"]
+    return [{"role": "user", "content": f"{record['instruction']}\n\n{record['input']}"},
+            {"role": "assistant", "content": record["output"]}]
+
+
+@pytest.mark.parametrize("record", [CHAT, ALPACA], ids=["chat", "alpaca"])
+@pytest.mark.parametrize("family", [name for name in FAMILIES if FAMILIES[name].template])
+def test_labels_match_the_familys_template_token_for_token(family_models, family, record):
+    tokenizer = load_tokenizer(family_models[family])
+    messages = as_chat(record)
+    if family in ("mistral", "gemma"):  # templates that raise on a system turn: the documented fold
+        messages = fold_system_turns(messages)
+    reference = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              return_assistant_tokens_mask=True)
+    ids, labels, _ = encode_record(record, tokenizer, "chat", 10_000)
+    assert ids == reference["input_ids"]
+    assert [label != IGNORE_INDEX for label in labels] == [bool(m) for m in reference["assistant_masks"]]
+    trained = tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX])
+    end = FAMILIES[family].end_of_turn
+    expected = "".join(m["content"] + end for m in messages if m["role"] == "assistant")
+    assert trained == expected, "each answer and its end-of-turn token are trained, nothing else"
+
+
+def test_a_system_turn_is_folded_into_the_next_user_turn_where_the_template_has_none(family_models):
+    tokenizer = load_tokenizer(family_models["mistral"])
+    ids, _, _ = encode_record(CHAT, tokenizer, "chat", 10_000)
+    assert tokenizer.decode(ids).startswith("<s>[INST] Answer with one word.\n\nFirst word: café au lait [/INST]café</s>")
+
+
+PADS = {"llama": "<|finetune_right_pad_id|>", "qwen2": "<|endoftext|>", "mistral": "<unk>", "gemma": "<pad>",
+        "phi3": "<unk>", "gpt2": "<|pad|>", "qwen2_moe": "<|endoftext|>"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_pads_with_a_token_that_is_not_eos(family_models, family):
+    tokenizer = load_tokenizer(family_models[family])
+    assert tokenizer.pad_token == PADS[family]
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_stops_at_the_templates_end_of_turn(family_models, family):
+    tokenizer = load_tokenizer(family_models[family])
+    template = "chat" if FAMILIES[family].template else "alpaca"
+    end_of_turn = tokenizer.convert_tokens_to_ids(FAMILIES[family].end_of_turn)
+    assert end_of_turn in stop_token_ids(tokenizer, template)
+
+
+# ---------------------------------------------------------------- the chain, per (family, method, format)
+
+def write_records(path, fmt, count=96):
+    """Records of the example word tasks in the given format; chats have a system turn and two exchanges."""
+    source = [json.loads(line) for line in (train.Path(__file__).parent.parent / "data" / "word_tasks.jsonl")
+              .read_text().splitlines()[:2 * count]]
+    rows = []
+    for a, b in zip(source[::2], source[1::2]):
+        if fmt == "alpaca":
+            rows.append({k: a[k] for k in ("instruction", "input", "output")})
+        elif fmt == "completion":
+            rows.append({"text": f"{a['input']} → {a['output']}"})
+        else:
+            rows.append({"messages": [{"role": "system", "content": "Réponds brièvement."}] + [
+                {"role": role, "content": text} for r in (a, b)
+                for role, text in (("user", f"{r['instruction']}\n{r['input']}"), ("assistant", r["output"]))]})
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+MATRIX = [  # family, method, format, extra train flags
+    ("llama", "qlora", "chat", ["--target-modules", "all-linear"]),
+    ("llama", "adalora", "alpaca", []),
+    ("qwen2", "dora", "chat", []),
+    ("qwen2", "full", "completion", []),
+    ("mistral", "lora", "chat", ["--quantization", "8bit"]),
+    ("gemma", "adalora", "chat", []),
+    ("phi3", "qlora", "chat", ["--target-modules", "qkv_proj", "o_proj"]),
+    ("gpt2", "dora", "alpaca", ["--target-modules", "c_attn"]),
+    ("gpt2", "full", "alpaca", []),
+    ("qwen2_moe", "lora", "chat", ["--target-modules", "all-linear", "--grad-accum", "2", "--epochs", "2"]),
+]
+
+
+def run_chain(folder, model, method, fmt, extra):
+    """tokenize → train → evaluate → merge, each through its script's main(); the paths they wrote."""
+    out = {name: folder / name for name in ("data", "shard", "trained", "merged", "eval", "generations")}
+    validate_file(write_records(folder / "raw.jsonl", fmt), out["data"], folder / "rejected.jsonl")
+    tokenize_file(out["data"], load_tokenizer(model), "auto", 128, out["shard"], fraction=0.15)
+    steps = [] if "--epochs" in extra else ["--max-steps", "6"]
+    train.main(["--base-model", str(model), "--shards", str(out["shard"]), "--output-dir", str(out["trained"]),
+                "--metrics", str(folder / "metrics.jsonl"), "--summary", str(folder / "summary.json"),
+                "--method", method, "--r", "4", "--learning-rate", "1e-2", "--batch-size", "4", "--log-every", "2",
+                "--checkpoint-every", "0", *steps, *extra])
+    evaluate.main(["--base-model", str(model), "--trained-dir", str(out["trained"]), "--shards", str(out["shard"]),
+                   "--records", str(out["data"]), "--eval-json", str(out["eval"]),
+                   "--generations", str(out["generations"]), "--num-samples", "4", "--max-new-tokens", "4"])
+    if method != "full":
+        merge.main(["--base-model", str(model), "--adapter-dir", str(out["trained"]), "--output-dir", str(out["merged"])])
+    return out
+
+
+def stock_logits_agree(model, out, ids):
+    """Reloaded with stock transformers/peft only: merged logits equal base+adapter logits."""
+    tokenizer = AutoTokenizer.from_pretrained(out["trained"])
+    base = AutoModelForCausalLM.from_pretrained(model)
+    vocab = base.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:  # the pad token added for a tokenizer without one (see the model card)
+        base.resize_token_embeddings(len(tokenizer))
+    adapted = PeftModel.from_pretrained(base, out["trained"]).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out["merged"]).eval()
+    with torch.no_grad():
+        expected, got = adapted(ids).logits[..., :vocab], merged(ids).logits[..., :vocab]
+    return torch.allclose(expected, got, atol=1e-4), float((expected - got).abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,method,fmt,extra", MATRIX, ids=["-".join(case[:3]) for case in MATRIX])
+def test_each_method_family_and_format_runs_the_whole_chain(tmp_path, family_models, family, method, fmt, extra):
+    model = family_models[family]
+    out = run_chain(tmp_path, model, method, fmt, extra)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    losses = [row["loss"] for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert summary["method"] == method and all(map(torch.isfinite, torch.tensor(losses)))
+    result = json.loads(out["eval"].read_text())
+    assert result["eval_records"] > 0 and torch.isfinite(torch.tensor(result["tuned"]["loss"]))
+    assert result["tuned"]["loss"] != result["base"]["loss"], "the trained weights are the ones evaluated"
+    generations = [json.loads(line) for line in out["generations"].read_text().splitlines()]
+    assert len(generations) == 4 and all(isinstance(g["tuned"], str) for g in generations)
+    ids = torch.tensor([load_tokenizer(model)("Give the first word.\nred blue").input_ids])
+    if method == "full":
+        tuned = AutoModelForCausalLM.from_pretrained(out["trained"])
+        assert type(tuned).__name__ == type(AutoModelForCausalLM.from_pretrained(model)).__name__
+        return
+    agree, difference = stock_logits_agree(model, out, ids)
+    assert agree, f"merged logits differ from base+adapter by {difference}"
