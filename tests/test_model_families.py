@@ -4,6 +4,8 @@ matrix that runs the real chain (tokenize, train a few steps, evaluate,
 merge, reload with stock transformers/peft) for every method on at least
 two families, every family and every data format."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,3 +171,25 @@ def test_each_method_family_and_format_runs_the_whole_chain(tmp_path, family_mod
         return
     agree, difference = stock_logits_agree(model, out, ids)
     assert agree, f"merged logits differ from base+adapter by {difference}"
+
+
+@pytest.mark.parametrize("messages, reason", [
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
+     "the chat template cannot render this conversation: Conversation roles must alternate"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "assistant", "content": "c"}],
+     "a system turn is not followed by a user turn, and this chat template cannot render system turns"),
+])
+def test_a_conversation_the_template_cannot_render_stops_tokenization_at_its_file_and_line(
+        tmp_path, family_models, messages, reason):
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    source = tmp_path / "chats.jsonl"
+    source.write_text(json.dumps(good) + "\n" + json.dumps(good | {"task": "x"}) + "\n"
+                      + json.dumps({"messages": messages}) + "\n")
+    validate_file(source, tmp_path / "records.jsonl", tmp_path / "rejected.jsonl")
+    command = [sys.executable, str(train.Path(train.__file__).parent / "tokenize_data.py"),
+               "--input", str(tmp_path / "records.jsonl"), "--tokenizer", str(family_models["mistral"]),
+               "--source", str(source), "--output", str(tmp_path / "shard.arrow"), "--stats", str(tmp_path / "s.json")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(f"{source}:3: {reason}")
+    assert not list(tmp_path.glob("shard*")) and not (tmp_path / "s.json").exists()
