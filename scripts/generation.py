@@ -89,17 +89,19 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature,
         width = max(len(p) for p in chunk)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=model.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
-        torch.manual_seed(seed)
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=top_p if temperature > 0 else None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stops,
-            suppress_tokens=suppress,
-        )
+        # Seeded sampling that leaves the caller's random state alone (training draws dropout from it).
+        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=top_p if temperature > 0 else None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stops,
+                suppress_tokens=suppress,
+            )
         outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return [o.strip() for o in outputs]

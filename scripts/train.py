@@ -132,8 +132,19 @@ def load_model(args, precision, accelerator, tokenizer):
         quantization = BitsAndBytesConfig(load_in_8bit=True)
     model = load_base_model(args.base_model, quantization_config=quantization, device_map={"": accelerator.device},
                             **common)
+    keep_4bit_weights_trainable(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def keep_4bit_weights_trainable(model):
+    """bitsandbytes repacks a 4-bit layer's weights for its CPU inference kernel the first time
+    the layer runs in eval mode without gradients (a held-out loss, samples), and keeps them so:
+    that kernel passes no gradient back through the base, which silently changes what every
+    later step learns (or fails on layers with a bias). Training never wants the repacking."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def adalora_schedule(total_steps):

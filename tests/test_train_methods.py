@@ -233,3 +233,18 @@ def test_adalora_resumes_to_the_same_adapter_as_an_uninterrupted_run(tmp_path, t
     config = json.loads((resumed / "trained" / "adapter_config.json").read_text())
     assert config["rank_pattern"], "the budget phase ended and fixed the ranks"
     assert config["rank_pattern"] == json.loads((straight / "trained" / "adapter_config.json").read_text())["rank_pattern"]
+
+
+@pytest.mark.parametrize("method", [["lora"], ["qlora"], ["lora", "--quantization", "8bit"]], ids=["lora", "qlora", "8bit"])
+def test_evaluations_and_samples_during_training_do_not_change_what_is_learned(tmp_path, tiny_model, shards, method):
+    """Sampling must not reseed the dropout's random stream; and bitsandbytes repacks 4-bit weights
+    for fast CPU inference the first time a layer runs in eval mode, which must not reach training
+    (on the repacked weights no gradient flows through the base layers)."""
+    settings = ["--method", *method, "--max-steps", "6", "--learning-rate", "1e-2", "--target-modules", "all-linear"]
+    quiet = run_train(tmp_path, tiny_model, shards, *settings, name="quiet")
+    prompts = json.dumps(["What is the first word?"])
+    busy = run_train(tmp_path, tiny_model, shards, *settings, "--eval-every", "2", "--sample-every", "2",
+                     "--prompts", prompts, "--max-new-tokens", "3", name="busy")
+    expected = load_file(quiet / "trained" / "adapter_model.safetensors")
+    got = load_file(busy / "trained" / "adapter_model.safetensors")
+    assert all(torch.allclose(expected[name], got[name], atol=1e-5) for name in expected)
