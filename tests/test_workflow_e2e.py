@@ -190,7 +190,8 @@ def test_uploads_leak_no_token_anywhere(tmp_path):
     (workdir / "leak.yaml").write_text(QUICK_CONFIG + "runs:\n  lora-r16:\n    hub: {repo_id: me/lora-r16, what: merged}\n")
     token = "hf_LeakCanary0123456789abcdefGHIJKL"
     env = {"HF_TOKEN": token, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0"}
-    result = snakemake(workdir, "--cores", "2", "--keep-going", "--configfile", "leak.yaml", check=False, env=env)
+    result = snakemake(workdir, "results/runs/lora-r16/upload.json", "--cores", "2", "--configfile", "leak.yaml",
+                       check=False, env=env)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "upload of results/runs/lora-r16/merged to me/lora-r16 failed" in output
     assert token not in output
