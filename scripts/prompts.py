@@ -83,16 +83,18 @@ def _special_texts(tokenizer):
     return set(tokenizer.all_special_tokens) | {token.content for token in added.values() if token.special}
 
 
-def _answer_end(answer, content, specials):
-    """Where the trained part of a rendered assistant turn ends: after the first special
-    token that follows its content (the template's end-of-turn marker: </s>, <|im_end|>,
-    <|eot_id|>, <end_of_turn>, <|end|>); without one, before trailing whitespace."""
-    content_end = answer.find(content.strip()) + len(content.strip()) if content.strip() in answer else 0
-    found = [(answer.find(token, content_end), token) for token in specials if answer.find(token, content_end) >= 0]
-    if found:
-        position, token = min(found, key=lambda item: (item[0], -len(item[1])))
-        return position + len(token)
-    return len(answer.rstrip())
+def _answer_end(region, content, specials, turn_end):
+    """Where the trained part of an assistant turn ends in `region` (the rendering from its
+    prompt on): after the special token that follows its content, whitespace apart (the
+    template's end-of-turn marker: </s>, <|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>);
+    for a template without one, at the end of the turn (`turn_end`) before trailing whitespace."""
+    content = content.strip()
+    content_end = region.find(content) + len(content) if content and content in region else 0
+    after = content_end + len(region[content_end:]) - len(region[content_end:].lstrip())
+    marker = max((token for token in specials if region.startswith(token, after)), key=len, default=None)
+    if marker:
+        return after + len(marker)
+    return len(region[:max(turn_end, content_end)].rstrip())
 
 
 def _chat_template_segments(messages, tokenizer):
@@ -112,8 +114,10 @@ def _chat_template_segments(messages, tokenizer):
         if not (whole.startswith(prompt) and len(prompt) >= position):
             raise ValueError("the tokenizer's chat template does not render conversations prefix by prefix; "
                              "set the base model's template to 'alpaca' instead")
-        turn_end = len(os.path.commonprefix([upto_turn, whole]))
-        answer_end = len(prompt) + _answer_end(whole[len(prompt):turn_end], message["content"], specials)
+        # A template may render a turn differently once later turns follow it (Qwen3 drops the
+        # reasoning block of past turns): the answer is found in the whole conversation's rendering.
+        turn_end = len(os.path.commonprefix([upto_turn, whole])) - len(prompt)
+        answer_end = len(prompt) + _answer_end(whole[len(prompt):], message["content"], specials, turn_end)
         segments += [(whole[position:len(prompt)], False), (whole[len(prompt):answer_end], True)]
         position = answer_end
     if position < len(whole):

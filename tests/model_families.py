@@ -55,6 +55,22 @@ PHI3 = ("{% for message in messages %}{% if message['role'] == 'assistant' %}<|a
         "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}")
 
 
+# Variants served by the same tokenizers: Qwen3's template shows an (empty) reasoning block on
+# the turns after the last user turn only, so earlier turns render differently once later ones
+# follow; Llama 2's puts a space before each answer and before its EOS, and drops system turns.
+QWEN3 = ("{% set ns = namespace(last_user=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+         "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+         "{% for message in messages %}{% if message['role'] == 'assistant' %}<|im_start|>assistant\n"
+         "{% generation %}{% if loop.index0 > ns.last_user %}<think>\n\n</think>\n\n{% endif %}"
+         "{{ message['content'] }}<|im_end|>{% endgeneration %}\n"
+         "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+LLAMA2 = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+          "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+          "{% generation %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endgeneration %}{% endif %}{% endfor %}")
+
+
 @dataclass
 class Family:
     config_class: str

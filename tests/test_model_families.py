@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import evaluate
 import merge
 import train
-from model_families import FAMILIES, build_family_model
+from model_families import FAMILIES, LLAMA2, QWEN3, build_family_model
 from prompts import IGNORE_INDEX, encode_record, fold_system_turns, load_tokenizer, stop_token_ids
 from tokenize_data import tokenize_file
 from validate_data import validate_file
@@ -58,6 +58,21 @@ def test_labels_match_the_familys_template_token_for_token(family_models, family
     end = FAMILIES[family].end_of_turn
     expected = "".join(m["content"] + end for m in messages if m["role"] == "assistant")
     assert trained == expected, "each answer and its end-of-turn token are trained, nothing else"
+
+
+@pytest.mark.parametrize("family, template, trained", [
+    ("qwen2", QWEN3, "café<|im_end|><think>\n\n</think>\n\ngreen<|im_end|>"),
+    ("mistral", LLAMA2, " café </s> green </s>"),
+], ids=["qwen3-reasoning-block", "llama2-spaces"])
+def test_templates_that_render_past_turns_differently_or_pad_answers(family_models, family, template, trained):
+    tokenizer = load_tokenizer(family_models[family], chat_template=template)
+    messages = fold_system_turns(CHAT["messages"]) if family == "mistral" else CHAT["messages"]
+    reference = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              return_assistant_tokens_mask=True)
+    ids, labels, _ = encode_record(CHAT, tokenizer, "chat", 10_000)
+    assert ids == reference["input_ids"]
+    assert [label != IGNORE_INDEX for label in labels] == [bool(m) for m in reference["assistant_masks"]]
+    assert tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX]) == trained
 
 
 def test_a_system_turn_is_folded_into_the_next_user_turn_where_the_template_has_none(family_models):

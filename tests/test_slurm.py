@@ -39,7 +39,7 @@ def make_test_profile(workdir):
         if "cpus_per_gpu" in resources:
             resources["cpus_per_gpu"] = 1
     profile.update({"slurm-no-account": True, "slurm-status-command": "squeue", "jobs": 4, "latency-wait": 5,
-                    "slurm-init-seconds-before-status-checks": 2})
+                    "slurm-init-seconds-before-status-checks": 2, "seconds-between-status-checks": 1})
     folder = workdir / "test-profile"
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump(profile))
