@@ -48,7 +48,7 @@ def evaluate(args):
     if not examples:
         raise SystemExit(f"[{args.run_name}] no held-out records in {', '.join(map(str, args.shards))}")
     records = [("prompt", r) for r in prompt_records(args.prompts)]
-    records += [("heldout", r) for r in heldout_records(args.records, [e["id"] for e in examples], args.num_samples)]
+    records += [("heldout", r) for r in heldout_records(args.records, examples.record_ids(), args.num_samples)]
     prompts = [encode_prompt(r, tokenizer, template)[0] for _, r in records]
     settings = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                     top_p=args.top_p, seed=args.seed, stop_ids=stop_token_ids(tokenizer, template))

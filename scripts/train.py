@@ -4,6 +4,8 @@ peft, optimize, save adapter and tokenizer) as one recipe you can read top to
 bottom: setup, a step, logging, save. Pretraining the embedded tiny model is
 a full run of this same recipe on plain text.
 
+- Examples are read from memory-mapped shards a batch at a time (shards.py),
+  so memory does not grow with the dataset.
 - Batches hold records of similar length padded to their longest record, or,
   with packing, the records back to back in one row with position ids that
   restart per record (padding-free; pays off with flash-attention on GPU).
@@ -221,7 +223,7 @@ def setup(args):
         run.history = history or run.history
     run.model, run.optimizer = accelerator.prepare(model, optimizer)
     run.unwrapped = accelerator.unwrap_model(run.model)
-    run.batches = micro_batch_indices([len(e["input_ids"]) for e in train_examples], args.batch_size, args.seed,
+    run.batches = micro_batch_indices(train_examples.lengths, args.batch_size, args.seed,
                                       accelerator.process_index, accelerator.num_processes)
     for _ in range(run.start_step * args.grad_accum):
         next(run.batches)
@@ -232,7 +234,7 @@ def setup(args):
 
 
 def make_batch(run, indices):
-    examples = [run.train_examples[i] for i in indices]
+    examples = run.train_examples[indices]
     return pack_batch(examples) if run.packing else pad_batch(examples, run.tokenizer.pad_token_id)
 
 

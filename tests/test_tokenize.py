@@ -112,6 +112,26 @@ def test_shard_is_arrow_readable_by_datasets(tmp_path, tiny_tokenizer, example_r
     assert not (tmp_path / "shard.arrow.partial").exists()
 
 
+def test_streamed_examples_are_the_shards_rows_in_order(tmp_path, tiny_tokenizer, example_records):
+    """Training reads shards through memory maps, a batch at a time: the examples it gets are
+    exactly the rows of the split, in file order, however they are asked for."""
+    paths = []
+    for name, part in [("a", example_records[:120]), ("b", example_records[120:200])]:
+        tokenize_file(write_records(tmp_path / f"{name}.jsonl", part), tiny_tokenizer, "auto", 64,
+                      tmp_path / f"{name}.arrow", batch_size=16)
+        paths.append(tmp_path / f"{name}.arrow")
+    rows = [row for path in paths for row in datasets.Dataset.from_file(str(path))]
+    for split in ("train", "eval"):
+        expected = [{k: row[k] for k in ("id", "input_ids", "labels")} for row in rows if row["split"] == split]
+        examples = read_shards(paths, split)
+        assert len(examples) == len(expected) > 0
+        assert list(examples) == expected == examples[:]
+        assert examples[-1] == expected[-1] and examples[[2, 0]] == [expected[2], expected[0]]
+        assert examples[1:len(expected):3] == expected[1::3]
+        assert list(examples.lengths) == [len(e["input_ids"]) for e in expected]
+        assert examples.record_ids() == [e["id"] for e in expected]
+
+
 def test_stats_count_long_records_and_report_length_percentiles(tmp_path, tiny_tokenizer, example_records):
     records = write_records(tmp_path / "records.jsonl", example_records)
     lengths = sorted(len(encode_record(r, tiny_tokenizer, "chat", 10_000)[0]) for r in example_records)
