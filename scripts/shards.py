@@ -5,6 +5,8 @@ Each row holds a record's content id, its split ('train' or 'eval'), its
 token ids, its labels (IGNORE_INDEX where there is no loss) and its length.
 `datasets.Dataset.from_file` reads a shard as it is.
 """
+import mmap
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
@@ -25,11 +27,14 @@ class ShardExamples:
     not grow with the dataset. Indexing gives {"id", "input_ids", "labels"} dicts;
     a slice or a list of positions gives a list of them."""
 
+    RELEASE_EVERY = 256  # reads between dropping the maps' resident pages
+
     def __init__(self, paths, split):
-        self.batches = []  # record batches whose buffers live in the memory maps
+        self.maps, self.batches, self.reads = [], [], 0  # record batches whose buffers live in the maps
         for path in paths:
-            with pa.memory_map(str(path)) as source:
-                self.batches += list(pa.ipc.open_stream(source))
+            with open(path, "rb") as f:
+                self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            self.batches += list(pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(self.maps[-1]))))
         where = [np.flatnonzero(pa.compute.equal(b.column("split"), split).to_numpy(zero_copy_only=False))
                  for b in self.batches]
         self.batch_of = np.concatenate([np.full(len(rows), i) for i, rows in enumerate(where)] or [np.zeros(0, int)])
@@ -51,7 +56,17 @@ class ShardExamples:
         return {"id": ids[row].as_py(), "input_ids": id_values[id_offsets[row]:id_offsets[row + 1]].tolist(),
                 "labels": label_values[label_offsets[row]:label_offsets[row + 1]].tolist()}
 
+    def release_pages(self):
+        """Drop the pages of the maps this process has touched: an epoch (or the held-out pass,
+        whose rows lie all over the files) would otherwise leave whole shards resident. The
+        pages stay in the page cache; reading them again costs no disk access."""
+        for mapped in self.maps:
+            mapped.madvise(mmap.MADV_DONTNEED)
+
     def __getitem__(self, key):
+        self.reads += 1
+        if self.reads % self.RELEASE_EVERY == 0:
+            self.release_pages()
         if isinstance(key, slice):
             return [self.example(i) for i in range(len(self))[key]]
         if isinstance(key, (list, tuple, np.ndarray)):
