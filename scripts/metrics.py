@@ -3,19 +3,27 @@ ROUGE-L F1 (rouge-score), BLEU and chrF (sacrebleu), overall and exact match
 per task kind. All computed locally: the `evaluate` library would fetch metric
 code from the Hub at run time."""
 import collections
+import re
 
 METRICS = ("exact_match", "rouge_l", "bleu", "chrf")
+# A reasoning model's answer may open with its reasoning (Qwen3 writes an empty block when not
+# thinking): it is scored on what follows. generations.jsonl keeps the whole text.
+REASONING = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+
+
+def final_answer(prediction):
+    return REASONING.sub("", prediction, count=1).strip()
 
 
 def is_exact_match(prediction, reference):
-    return prediction.strip() == reference.strip()
+    return final_answer(prediction) == reference.strip()
 
 
 def task_metrics(predictions, references, tasks=None):
     """Metrics over the pairs that have a reference; with `tasks` (one label or None
     per pair), also exact match per task kind."""
     tasks = tasks or [None] * len(references)
-    triples = [(p.strip(), r.strip(), t) for p, r, t in zip(predictions, references, tasks) if r.strip()]
+    triples = [(final_answer(p), r.strip(), t) for p, r, t in zip(predictions, references, tasks) if r.strip()]
     if not triples:
         return {**dict.fromkeys(METRICS), "exact_match_by_task": {}}
     import sacrebleu

@@ -83,6 +83,12 @@ def test_merged_model_matches_adapter_logits_and_loads_without_peft(tiny_model, 
     assert not (tmp_path / "merged.partial").exists()
 
 
+def test_a_leading_reasoning_block_is_not_part_of_the_scored_answer():
+    scores = evaluate.task_metrics(["<think>\n\n</think>\n\nThe first word is tiger.", "<think>tiger?</think> tiger",
+                           "tiger <think>x</think>"], ["The first word is tiger.", "tiger", "tiger"])
+    assert scores["exact_match"] == 2 / 3
+
+
 def test_exact_match_per_task_kind():
     result = evaluate.task_metrics(["The first word is red.", "wrong", "There are two words."],
                                    ["The first word is red.", "The first word is sky.", "There are two words."],
