@@ -23,8 +23,6 @@ a full run of this same recipe on plain text.
 """
 import argparse
 import contextlib
-import importlib.util
-import json
 import math
 import resource
 import shutil
@@ -43,7 +41,8 @@ from transformers import BitsAndBytesConfig, get_scheduler
 from batches import mean_token_loss, micro_batch_indices, pack_batch, pad_batch, real_tokens
 from checkpoints import fingerprint, load_checkpoint, save_checkpoint
 from generation import encode_prompt, generate, prompt_records, reference_answer
-from models import DTYPES, adaptable_module_names, load_base_model, load_config, missing_target_modules, resolve_precision
+from models import DTYPES, load_base_model, resolve_precision
+from preflight import check_architecture, hardware_problems, quantization_of
 from outputs import save_pretrained_atomically, write_json
 from prompts import ADDED_PAD, count_trained_tokens, load_tokenizer, resolve_template, stop_token_ids
 from settings import add_settings, check_settings
@@ -51,49 +50,6 @@ from shards import read_shards
 from training_log import TrainingLog
 
 # ---------------------------------------------------------------- setup
-
-
-def hardware_problems(args, device, precision):
-    """Why this run cannot train here, found before anything heavy is loaded."""
-    problems = []
-    cuda = device.type == "cuda"
-    if args.attn_implementation == "flash_attention_2":
-        if not cuda:
-            problems.append("attn_implementation flash_attention_2 needs a CUDA GPU")
-        elif importlib.util.find_spec("flash_attn") is None:
-            problems.append("attn_implementation flash_attention_2 needs the flash-attn package (pip install flash-attn)")
-    if precision == "fp16" and not cuda:
-        problems.append("precision fp16 needs a CUDA GPU (use fp32 or bf16 on CPU)")
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        problems.append("precision bf16 is not supported by this GPU (use fp16)")
-    if args.optimizer.startswith("paged_") and not cuda:
-        problems.append(f"optimizer {args.optimizer} pages optimizer state between GPU and CPU and needs a CUDA GPU")
-    if args.method == "dora" and quantization_of(args) == "8bit" and not cuda:
-        problems.append("DoRA on an 8bit base fails inside bitsandbytes on CPU (DoRA reads the int8 weights, which "
-                        "then lose their scales); use quantization 4bit, method lora, or a GPU")
-    needs_bnb = quantization_of(args) != "none" or args.optimizer != "adamw"
-    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append(f"method {args.method} with quantization {quantization_of(args)} and optimizer "
-                        f"{args.optimizer} needs bitsandbytes (pip install bitsandbytes)")
-    return problems
-
-
-def quantization_of(args):
-    """How the base is loaded: qlora is lora on a 4bit base."""
-    return "4bit" if args.method == "qlora" else args.quantization
-
-
-def check_architecture(args):
-    """Stop before any weights load when the model's code may not run or it lacks the adapter's target modules."""
-    config = load_config(args.base_model, args.trust_remote_code)
-    if args.method == "full":
-        return
-    available = adaptable_module_names(config, args.trust_remote_code)
-    missing = missing_target_modules(args.target_modules, available)
-    if missing:
-        sys.exit(f"[{args.run_name}] target_modules {', '.join(missing)}: {type(config).__name__.replace('Config', '')} "
-                 f"models have no such layer. Their adaptable layers are: {', '.join(available)} "
-                 "(or use all-linear)")
 
 
 def setup_device(args):
