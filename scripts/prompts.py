@@ -78,48 +78,51 @@ def _render(tokenizer, messages, **options):
         raise ValueError(f"the chat template cannot render this conversation: {exc}") from None
 
 
-def _special_texts(tokenizer):
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    return set(tokenizer.all_special_tokens) | {token.content for token in added.values() if token.special}
+def _end_of_turn_markers(tokenizer):
+    """The texts of the tokenizer's special tokens (cached on it: this runs for every record)."""
+    cached = getattr(tokenizer, "_end_of_turn_markers", None)
+    if cached is None or cached[0] != len(tokenizer):  # tokens added since: compute again
+        cached = (len(tokenizer), {tokenizer.convert_ids_to_tokens(i) for i in special_ids(tokenizer)})
+        tokenizer._end_of_turn_markers = cached
+    return cached[1]
 
 
-def _answer_end(region, content, specials, turn_end):
+def _marker_end(region, content, markers):
     """Where the trained part of an assistant turn ends in `region` (the rendering from its
     prompt on): after the special token that follows its content, whitespace apart (the
     template's end-of-turn marker: </s>, <|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>);
-    for a template without one, at the end of the turn (`turn_end`) before trailing whitespace."""
+    None for a template that puts none there."""
     content = content.strip()
     content_end = region.find(content) + len(content) if content and content in region else 0
     after = content_end + len(region[content_end:]) - len(region[content_end:].lstrip())
-    marker = max((token for token in specials if region.startswith(token, after)), key=len, default=None)
-    if marker:
-        return after + len(marker)
-    return len(region[:max(turn_end, content_end)].rstrip())
+    marker = max((token for token in markers if region.startswith(token, after)), key=len, default=None)
+    return after + len(marker) if marker else None
 
 
 def _chat_template_segments(messages, tokenizer):
     """(text, is_target) pieces of a conversation rendered by the chat template: each
     assistant turn's prompt is the template's generation prompt for the turns before
-    it, so prompts at inference time are exactly what training saw."""
+    it, so prompts at inference time are exactly what training saw. The answers are
+    found in the whole conversation's rendering, because a template may render a turn
+    differently once later turns follow it (Qwen3 drops the reasoning block of past turns)."""
     if not renders_system_turns(tokenizer) and any(m["role"] == "system" for m in messages):
         messages = fold_system_turns(messages)
     whole = _render(tokenizer, messages)
-    specials = _special_texts(tokenizer)
+    markers = _end_of_turn_markers(tokenizer)
     segments, position = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto_turn = _render(tokenizer, messages[: i + 1])
         if not (whole.startswith(prompt) and len(prompt) >= position):
             raise ValueError("the tokenizer's chat template does not render conversations prefix by prefix; "
                              "set the base model's template to 'alpaca' instead")
-        # A template may render a turn differently once later turns follow it (Qwen3 drops the
-        # reasoning block of past turns): the answer is found in the whole conversation's rendering.
-        turn_end = len(os.path.commonprefix([upto_turn, whole])) - len(prompt)
-        answer_end = len(prompt) + _answer_end(whole[len(prompt):], message["content"], specials, turn_end)
-        segments += [(whole[position:len(prompt)], False), (whole[len(prompt):answer_end], True)]
-        position = answer_end
+        answer_end = _marker_end(whole[len(prompt):], message["content"], markers)
+        if answer_end is None:  # no end-of-turn marker: the turn ends where its own rendering does
+            upto_turn = _render(tokenizer, messages[: i + 1])
+            answer_end = len(whole[len(prompt):len(os.path.commonprefix([upto_turn, whole]))].rstrip())
+        segments += [(whole[position:len(prompt)], False), (whole[len(prompt):len(prompt) + answer_end], True)]
+        position = len(prompt) + answer_end
     if position < len(whole):
         segments.append((whole[position:], False))
     return [(text, is_target) for text, is_target in segments if text or is_target]
