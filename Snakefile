@@ -13,8 +13,8 @@ configfile: "config/config.yaml"
 report: "rules/captions/workflow.rst"
 
 
-include: "rules/config.smk"
 include: "rules/scripts.smk"
+include: "rules/config.smk"
 include: "rules/paths.smk"
 include: "rules/summary.smk"
 

@@ -62,7 +62,7 @@ def check_references():
                                  f"(configured: {', '.join(names[kind])})")
         if run["method"] == "full":
             run["merge"] = False
-        check_quantization(run_name, run)
+        check_run_conflicts(run_name, run)
         check_hub_target(run_name, run)
     for model, spec in config["base_models"].items():
         path = os.path.expanduser(spec.get("name_or_path", ""))
@@ -72,13 +72,10 @@ def check_references():
         check_remote_code(model, spec, path)
 
 
-def check_quantization(run_name, run):
-    if run["method"] == "full" and run["quantization"] != "none":
-        raise ValueError(f"run '{run_name}': method full trains every weight and cannot load the base quantized "
-                         f"(quantization {run['quantization']}); use an adapter method or quantization none")
-    if run["method"] == "qlora" and run["quantization"] == "8bit":
-        raise ValueError(f"run '{run_name}': qlora is LoRA on a 4bit base; for an 8bit base use method lora "
-                         "with quantization 8bit")
+def check_run_conflicts(run_name, run):
+    problems = SETTINGS.run_conflicts(run)
+    if problems:
+        raise ValueError(f"run '{run_name}': " + "; ".join(problems))
 
 
 def check_remote_code(model, spec, path):

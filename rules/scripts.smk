@@ -89,10 +89,20 @@ def card_flags(run_name, kind):
     return " ".join(flags)
 
 
-def train_launcher(gpus):
-    """Plain python for one device; accelerate (DDP) for a run with gpus > 1."""
-    if gpus <= 1:
-        return "python"
-    return (f"accelerate launch --multi_gpu --num_processes {gpus} --num_machines 1 --dynamo_backend no "
-            "--main_process_port $(python -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); "
-            "print(s.getsockname()[1])')")
+def train_launcher(gpus, nodes=1):
+    """How the training script starts: one process per GPU (scripts/launch.py: python, or
+    accelerate for several); a run over several nodes starts one launcher per node (srun)."""
+    launcher = f"python {script('launch')} --processes {gpus} --nodes {nodes} --"
+    if nodes > 1:
+        launcher = f"srun --nodes {nodes} --ntasks-per-node 1 --kill-on-bad-exit=1 {launcher}"
+    return launcher
+
+
+def training_resources(run, name):
+    """A training job's resources. On one node: `gpu` GPUs (bounded by --resources gpu=N).
+    Over several nodes (SLURM): that many nodes with `gpus` each (gres is per node), one task
+    per node, and the job's own srun (the mpi resource) instead of the executor's."""
+    nodes, gpus = run["nodes"], run["gpus"]
+    if nodes == 1:
+        return {"gpu": gpus}.get(name)
+    return {"nodes": nodes, "gres": f"gpu:{gpus}", "tasks": nodes, "tasks_per_gpu": 0, "mpi": "srun"}.get(name)

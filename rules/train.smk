@@ -1,8 +1,9 @@
 # One training job per configured run. The job's `gpu` resource comes from the
-# run's `gpus`, so `snakemake --resources gpu=N` bounds concurrent GPU jobs.
+# run's `gpus`, so `snakemake --resources gpu=N` bounds concurrent GPU jobs; a run
+# with `nodes` > 1 asks SLURM for that many nodes instead (training_resources).
 # Checkpoints go to results/checkpoints/{run}, which is not an output: Snakemake
 # deletes the outputs of a failed job, and a rerun resumes from the checkpoint.
-# The GPU pool wrapper is not an input: editing it changes no result.
+# The GPU pool wrapper and the launcher are not inputs: editing them changes no result.
 
 
 rule train:
@@ -19,19 +20,25 @@ rule train:
         tensorboard=directory("results/runs/{run}/tensorboard"),
     params:
         base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
-        launcher=lambda wc: train_launcher(RUNS[wc.run]["gpus"]),
+        launcher=lambda wc: train_launcher(RUNS[wc.run]["gpus"], RUNS[wc.run]["nodes"]),
         settings=lambda wc: script_flags("train", run=RUNS[wc.run]),
         checkpoints=lambda wc: f"results/checkpoints/{wc.run}",
         gpu_pool=script("gpu_pool"),
+        gpus=lambda wc: RUNS[wc.run]["gpus"],
     threads: 2
     resources:
-        gpu=lambda wc: RUNS[wc.run]["gpus"],
+        gpu=lambda wc: training_resources(RUNS[wc.run], "gpu"),
+        nodes=lambda wc: training_resources(RUNS[wc.run], "nodes"),
+        gres=lambda wc: training_resources(RUNS[wc.run], "gres"),
+        tasks=lambda wc: training_resources(RUNS[wc.run], "tasks"),
+        tasks_per_gpu=lambda wc: training_resources(RUNS[wc.run], "tasks_per_gpu"),
+        mpi=lambda wc: training_resources(RUNS[wc.run], "mpi"),
     log:
         "results/logs/train/{run}.log",
     conda:
         "../envs/finetune.yaml"
     shell:
-        "python {params.gpu_pool} --gpus {resources.gpu} --"
+        "python {params.gpu_pool} --gpus {params.gpus} --"
         " {params.launcher} {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
         " --shards {input.shards} --output-dir {output.trained} --metrics {output.metrics}"
         " --summary {output.summary} --samples {output.samples} --tensorboard-dir {output.tensorboard}"

@@ -78,9 +78,12 @@ def model_stop_ids(model, stop_ids):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, seed, stop_ids):
+def generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature, top_p, seed, stop_ids,
+             synced_processes=False):
     """Completions of tokenized prompts, batched with left padding, ending at any of
-    `stop_ids` (see prompts.stop_token_ids); the pad token is never generated."""
+    `stop_ids` (see prompts.stop_token_ids); the pad token is never generated.
+    synced_processes: every process runs this together (a model sharded by FSDP), and
+    each keeps stepping until all have finished."""
     stops = model_stop_ids(model, stop_ids)
     suppress = [tokenizer.pad_token_id] if tokenizer.pad_token_id not in stops else None
     outputs = []
@@ -102,6 +105,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, temperature,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stops,
                 suppress_tokens=suppress,
+                synced_gpus=synced_processes,
             )
         outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return [o.strip() for o in outputs]

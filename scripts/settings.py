@@ -133,6 +133,31 @@ def command_line_flags(script, **sections):
     return " ".join(parts)
 
 
+def run_conflicts(run):
+    """Why a run's settings cannot go together (each one valid alone), as messages; [] if none.
+    The config check calls it before any job, train.py on its own command line."""
+    method, quantization = run["method"], run.get("quantization", "none")
+    distributed, precision = run.get("distributed", "ddp"), run.get("precision", "auto")
+    problems = []
+    if run.get("nodes", 1) > 1 and run.get("gpus", 0) < 1:
+        problems.append(f"nodes {run['nodes']} spans GPU nodes of a SLURM cluster: set gpus (GPUs on each node)")
+    if method == "full" and quantization != "none":
+        problems.append(f"method full trains every weight and cannot load the base quantized (quantization "
+                        f"{quantization}); use an adapter method or quantization none")
+    if method == "qlora" and quantization == "8bit":
+        problems.append("qlora is LoRA on a 4bit base; for an 8bit base use method lora with quantization 8bit")
+    if distributed == "fsdp":
+        if method == "adalora":
+            problems.append("AdaLoRA reallocates ranks from whole adapter matrices, which FSDP splits over "
+                            "processes; use distributed ddp, or method lora or dora")
+        if quantization == "8bit":
+            problems.append("FSDP cannot split bitsandbytes' int8 weights; use qlora (4bit) or distributed ddp")
+        if precision == "fp16":
+            problems.append("distributed fsdp trains in bf16 or fp32 (fp16 needs loss scaling it does not do); "
+                            "use precision bf16, or distributed ddp")
+    return problems
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("script", help="a stage script's name, e.g. train")

@@ -34,18 +34,20 @@ from types import SimpleNamespace
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
-from peft import AdaLoraConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import get_peft_model
 from tqdm import tqdm
-from transformers import BitsAndBytesConfig, get_scheduler
+from transformers import get_scheduler
 
+from adapters import load_model, peft_config
 from batches import mean_token_loss, micro_batch_indices, pack_batch, pad_batch, real_tokens
 from checkpoints import fingerprint, load_checkpoint, save_checkpoint
 from generation import encode_prompt, generate, prompt_records, reference_answer
-from models import DTYPES, load_base_model, resolve_precision
+from distributed import saved_state, shard_model
+from models import resolve_precision
 from preflight import check_architecture, hardware_problems, quantization_of
 from outputs import save_pretrained_atomically, write_json
 from prompts import ADDED_PAD, count_trained_tokens, load_tokenizer, resolve_template, stop_token_ids
-from settings import add_settings, check_settings
+from settings import add_settings, check_settings, run_conflicts
 from shards import read_shards
 from training_log import TrainingLog
 
@@ -73,57 +75,6 @@ def setup_data(args, num_processes):
     steps_per_epoch = max(micro_batches_per_epoch // args.grad_accum, 1)
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     return train_examples, eval_examples, steps_per_epoch, total_steps
-
-
-def load_model(args, precision, accelerator, tokenizer):
-    # Full fine-tuning keeps fp32 master weights (mixed precision autocasts the compute);
-    # adapter methods train small fp32 adapters on a base stored in the compute dtype.
-    dtype = torch.float32 if args.method == "full" else DTYPES[precision]
-    common = dict(dtype=dtype, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code,
-                  tokenizer=tokenizer)
-    if quantization_of(args) == "none":
-        return load_base_model(args.base_model, **common)
-    if quantization_of(args) == "4bit":
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=dtype)
-    else:
-        quantization = BitsAndBytesConfig(load_in_8bit=True)
-    model = load_base_model(args.base_model, quantization_config=quantization, device_map={"": accelerator.device},
-                            **common)
-    keep_4bit_weights_trainable(model)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def keep_4bit_weights_trainable(model):
-    """bitsandbytes repacks a 4-bit layer's weights for its CPU inference kernel the first time
-    the layer runs in eval mode without gradients (a held-out loss, samples), and keeps them so:
-    that kernel passes no gradient back through the base, which silently changes what every
-    later step learns (or fails on layers with a bias). Training never wants the repacking."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def adalora_schedule(total_steps):
-    """AdaLoRA's warmup (tinit), final fine-tuning (tfinal) and reallocation interval,
-    leaving a non-empty budget-allocation phase however short the run."""
-    tinit = total_steps // 10
-    tfinal = total_steps // 5
-    if total_steps - tfinal - tinit < 1:
-        tinit, tfinal = 0, max(total_steps - 1, 0) // 2
-    return tinit, tfinal, max(1, (total_steps - tinit - tfinal) // 10)
-
-
-def peft_config(args, total_steps):
-    target_modules = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
-    common = dict(lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=target_modules, bias=args.bias,
-                  use_rslora=args.use_rslora, task_type="CAUSAL_LM")
-    if args.method == "adalora":
-        tinit, tfinal, delta_t = adalora_schedule(total_steps)
-        return AdaLoraConfig(target_r=args.r, init_r=args.adalora_init_r or math.ceil(1.5 * args.r), tinit=tinit,
-                             tfinal=tfinal, deltaT=delta_t, total_step=total_steps, **common)
-    return LoraConfig(r=args.r, use_dora=args.method == "dora", **common)
 
 
 def setup_model(args, precision, accelerator, total_steps):
@@ -158,27 +109,31 @@ def setup(args):
     model, tokenizer = setup_model(args, precision, accelerator, total_steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    sharded = args.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded:
+        shard_model(model, precision)
     optimizer = make_optimizer(args, [p for p in model.parameters() if p.requires_grad])
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=round(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     run = SimpleNamespace(
-        args=args, accelerator=accelerator, device=device, precision=precision, packing=packing,
+        args=args, accelerator=accelerator, device=device, precision=precision, packing=packing, sharded=sharded,
         train_examples=train_examples, eval_examples=eval_examples, total_steps=total_steps, tokenizer=tokenizer,
-        trainable=trainable, total=total, scheduler=scheduler, start_step=0, elapsed_before=0.0,
-        history={"metrics": [], "samples": []}, sample_prompts=sample_prompts(args, tokenizer),
-        stop_ids=sample_stop_ids(args, tokenizer),
+        trainable=trainable, total=total, model=model, unwrapped=model, optimizer=optimizer, scheduler=scheduler,
+        start_step=0, elapsed_before=0.0, history={"metrics": [], "samples": []},
+        sample_prompts=sample_prompts(args, tokenizer), stop_ids=sample_stop_ids(args, tokenizer),
         checkpoints=Path(args.checkpoint_dir) if args.checkpoint_dir else None, fingerprint=None)
     say(run, f"{args.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
              f"{len(train_examples)} train / {len(eval_examples)} eval records; {total_steps} steps "
              f"({steps_per_epoch} per epoch); {precision}, {model.config._attn_implementation} attention, "
-             f"{'packed' if packing else 'length-grouped'} batches, {accelerator.num_processes} process(es)")
+             f"{'packed' if packing else 'length-grouped'} batches, {accelerator.num_processes} process(es)"
+             f"{', FSDP' if sharded else ''}")
     if run.checkpoints:
         run.fingerprint = fingerprint(args)
-        run.start_step, history, run.elapsed_before = load_checkpoint(
-            run.checkpoints, run.fingerprint, model, optimizer, scheduler, lambda message: say(run, message))
+        run.start_step, history, run.elapsed_before = load_checkpoint(run.checkpoints, run, lambda m: say(run, m))
         run.history = history or run.history
-    run.model, run.optimizer = accelerator.prepare(model, optimizer)
-    run.unwrapped = accelerator.unwrap_model(run.model)
+    if not sharded:
+        run.model, run.optimizer = accelerator.prepare(model, optimizer)
+        run.unwrapped = accelerator.unwrap_model(run.model)
     run.batches = micro_batch_indices(train_examples.lengths, args.batch_size, args.seed,
                                       accelerator.process_index, accelerator.num_processes)
     for _ in range(run.start_step * args.grad_accum):
@@ -206,9 +161,11 @@ def train_step(run, step):
     step_loss, tokens_seen = 0.0, 0
     for i, batch in enumerate(window):
         batch = {k: v.to(run.device) for k, v in batch.items()}
-        sync = accelerator.no_sync(run.model) if i < len(window) - 1 else contextlib.nullcontext()
+        # DDP syncs gradients once per window; FSDP reduce-scatters every micro-batch, keeping only its shard.
+        last = i == len(window) - 1
+        sync = accelerator.no_sync(run.model) if not (last or run.sharded) else contextlib.nullcontext()
         with sync:
-            # DDP averages gradients over processes, so scale the per-token mean back up.
+            # DDP and FSDP average gradients over processes, so scale the per-token mean back up.
             loss = run.model(**batch, num_items_in_batch=step_tokens, use_cache=False).loss * processes
             accelerator.backward(loss)
         step_loss += loss.item() / processes
@@ -218,13 +175,22 @@ def train_step(run, step):
         sys.exit(f"[{run.args.run_name}] loss is {step_loss} at step {step}: training diverged. Usual causes: "
                  f"learning rate too high (now {run.args.learning_rate}), fp16 overflow (try bf16 or fp32), "
                  "bad data or a broken base model. No adapter was written.")
-    grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
+    grad_norm = clip_gradients(run)
     run.optimizer.step()
     if run.args.method == "adalora":
         run.unwrapped.base_model.update_and_allocate(step)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return epoch, step_loss, step_tokens, tokens_seen, float(grad_norm)
+
+
+def clip_gradients(run):
+    """Clip to max_grad_norm; the norm (of the whole gradient, also when it is sharded)."""
+    if not run.sharded:
+        return run.accelerator.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
+    norm = torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad],
+                                          run.args.max_grad_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 # ---------------------------------------------------------------- logging and samples
@@ -247,7 +213,7 @@ def samples_at(run, step):
     run.model.eval()
     answers = generate(run.unwrapped, run.tokenizer, [ids for _, ids in run.sample_prompts],
                        max_new_tokens=run.args.max_new_tokens, batch_size=len(run.sample_prompts), temperature=0.0,
-                       top_p=1.0, seed=run.args.seed, stop_ids=run.stop_ids)
+                       top_p=1.0, seed=run.args.seed, stop_ids=run.stop_ids, synced_processes=run.sharded)
     run.model.train()
     return [{"step": step, "prompt": run.tokenizer.decode(ids), "reference": reference_answer(record), "answer": answer}
             for (record, ids), answer in zip(run.sample_prompts, answers)]
@@ -281,13 +247,16 @@ def peak_memory_mb(device):
 # ---------------------------------------------------------------- save
 
 
-def save(run, tokens_seen):
-    """The adapter and tokenizer, the run summary; then the checkpoints are no longer needed."""
+def save(run, tokens_seen, state=None):
+    """The adapter and tokenizer, the run summary; then the checkpoints are no longer needed.
+    `state`: the weights gathered from a sharded model."""
     args, processes = run.args, run.accelerator.num_processes
     session_time = time.perf_counter() - run.started
     wall_time = run.elapsed_before + session_time
     # An added pad token's embedding row is zeros, rebuilt wherever the adapter loads: not saved with it.
     options = {} if args.method == "full" else {"save_embedding_layers": False}
+    if state is not None:
+        options["state_dict"] = state
     output_dir = save_pretrained_atomically(args.output_dir, run.unwrapped, run.tokenizer, **options)
     write_json(args.summary, {
         "run": args.run_name, "method": args.method, "trainable_parameters": run.trainable,
@@ -296,7 +265,7 @@ def save(run, tokens_seen):
         "quantization": quantization_of(args), "trust_remote_code": args.trust_remote_code,
         "added_pad_token": run.tokenizer.pad_token == ADDED_PAD,
         "precision": run.precision, "attn_implementation": run.unwrapped.config._attn_implementation, "packing": run.packing,
-        "processes": processes, "wall_time_s": wall_time, "peak_memory_mb": peak_memory_mb(run.device),
+        "processes": processes, "distributed": args.distributed if processes > 1 else "none", "wall_time_s": wall_time, "peak_memory_mb": peak_memory_mb(run.device),
         "session_time_s": session_time, "session_tokens": tokens_seen * processes,
         "session_tokens_per_s": tokens_seen * processes / session_time,
     })
@@ -337,21 +306,21 @@ def train(args):
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             interval, interval_start = {"loss": 0.0, "trained": 0, "tokens": 0}, time.perf_counter()
         if run.sample_prompts and (step % args.sample_every == 0 or step == run.total_steps):
-            if main:
+            if main or run.sharded:  # a sharded model generates on every process together
                 rows = samples_at(run, step)
-                run.history["samples"] += rows
-                log.record_samples(rows)
+                if main:
+                    run.history["samples"] += rows
+                    log.record_samples(rows)
             run.accelerator.wait_for_everyone()
         if run.checkpoints and args.checkpoint_every and step % args.checkpoint_every == 0 and step < run.total_steps:
-            if main:
-                save_checkpoint(run.checkpoints, run.unwrapped, run.optimizer, run.scheduler, step, run.fingerprint,
-                                run.history, run.elapsed_before + time.perf_counter() - run.started)
-            run.accelerator.wait_for_everyone()
+            save_checkpoint(run.checkpoints, run, step, run.history,
+                            run.elapsed_before + time.perf_counter() - run.started)
     progress.close()
     log.close()
     run.accelerator.wait_for_everyone()
+    state = saved_state(run.model, adapter_only=args.method != "full") if run.sharded else None
     if main:
-        save(run, tokens_seen)
+        save(run, tokens_seen, state)
 
 
 def parse_args(argv=None):
@@ -369,10 +338,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     add_settings(parser, "train")
     args = check_settings(parser.parse_args(argv), "train")
-    if args.method == "full" and args.quantization != "none":
-        parser.error(f"method full trains every weight; it cannot load the base with quantization {args.quantization}")
-    if args.method == "qlora" and args.quantization == "8bit":
-        parser.error("qlora is lora on a 4bit base; for an 8bit base use --method lora --quantization 8bit")
+    problems = run_conflicts(vars(args))
+    if problems:
+        parser.error("; ".join(problems))
     return args
 
 

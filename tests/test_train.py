@@ -5,6 +5,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import adapters
 import train
 from batches import length_grouped_batches
 from models import load_base_model
@@ -65,7 +66,7 @@ def test_nan_loss_stops_the_run_without_writing_an_adapter(tmp_path, tiny_model,
             model.get_input_embeddings().weight[5:50] = float("nan")
         return model
 
-    monkeypatch.setattr(train, "load_base_model", load_broken_model)
+    monkeypatch.setattr(adapters, "load_base_model", load_broken_model)
     with pytest.raises(SystemExit, match=r"\[diverge\] loss is nan at step 1: .*learning rate"):
         train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards),
                     "--output-dir", str(tmp_path / "trained"), "--metrics", str(tmp_path / "metrics.jsonl"),

@@ -7,6 +7,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import adapters
 import train
 from batches import pack_batch, pad_batch
 from models import load_base_model
@@ -49,14 +50,14 @@ def test_each_method_trains_and_saves_a_loadable_adapter(tmp_path, tiny_model, s
 def quantized_base_of(monkeypatch, tmp_path, tiny_model, shards, *extra):
     """(type of a base linear layer, quantization config) as training saw them, and the run folder."""
     seen = {}
-    original = train.prepare_model_for_kbit_training
+    original = adapters.prepare_model_for_kbit_training
 
     def spy(model, **kwargs):
         seen["linear"] = type(model.model.layers[0].self_attn.q_proj).__name__
         seen["quantization"] = model.config.quantization_config
         return original(model, **kwargs)
 
-    monkeypatch.setattr(train, "prepare_model_for_kbit_training", spy)
+    monkeypatch.setattr(adapters, "prepare_model_for_kbit_training", spy)
     out = run_train(tmp_path, tiny_model, shards, "--max-steps", "4", "--learning-rate", "1e-2", *extra)
     quantization = seen["quantization"]
     return seen["linear"], quantization if isinstance(quantization, dict) else quantization.to_dict(), out
@@ -80,7 +81,7 @@ def test_adapters_train_on_an_8bit_base(tmp_path, tiny_model, shards, monkeypatc
 
 @pytest.mark.parametrize("extra, message", [
     (["--method", "full", "--quantization", "4bit"], "method full trains every weight"),
-    (["--method", "qlora", "--quantization", "8bit"], "qlora is lora on a 4bit base"),
+    (["--method", "qlora", "--quantization", "8bit"], "qlora is LoRA on a 4bit base"),
 ])
 def test_quantization_that_does_not_fit_the_method_is_refused(tmp_path, tiny_model, shards, capsys, extra, message):
     with pytest.raises(SystemExit):
@@ -110,7 +111,7 @@ def test_unusable_hardware_choices_stop_before_training(tmp_path, tiny_model, sh
 
 def test_adalora_schedule_leaves_a_budget_phase():
     for total in (1, 2, 3, 5, 10, 100, 1000):
-        tinit, tfinal, delta_t = train.adalora_schedule(total)
+        tinit, tfinal, delta_t = adapters.adalora_schedule(total)
         assert tinit + tfinal < total and delta_t >= 1
 
 

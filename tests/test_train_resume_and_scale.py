@@ -81,7 +81,7 @@ def test_changed_settings_do_not_resume_an_old_checkpoint(tmp_path, tiny_model, 
     kill_after_checkpoint(TRAIN + train_args(tiny_model, shards, out, *extra), checkpoints, min_step=20)
     changed = train_args(tiny_model, shards, out, *extra) + ["--learning-rate", "1e-3"]
     result = subprocess.run(TRAIN + changed, env=env(), check=True, capture_output=True, text=True)
-    assert "is from other settings or data: starting over" in result.stdout + result.stderr
+    assert "is from other settings, data or number of processes: starting over" in result.stdout + result.stderr
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 0
 
 

@@ -51,6 +51,11 @@ def test_default_dag_has_one_training_job_per_run_and_shared_shards(workdir):
                                                  "quantized (quantization 4bit)"),
     ("runs:\n  lora-r16:\n    method: qlora\n    quantization: 8bit\n", "run 'lora-r16': qlora is LoRA on a 4bit base"),
     ("runs:\n  lora-r16:\n    quantization: 2bit\n", "'2bit' is not one of ['none', '4bit', '8bit']"),
+    ("runs:\n  lora-r16:\n    method: adalora\n    distributed: fsdp\n",
+     "run 'lora-r16': AdaLoRA reallocates ranks from whole adapter matrices, which FSDP splits"),
+    ("runs:\n  lora-r16:\n    quantization: 8bit\n    distributed: fsdp\n", "FSDP cannot split bitsandbytes' int8"),
+    ("runs:\n  lora-r16:\n    nodes: 2\n", "run 'lora-r16': nodes 2 spans GPU nodes of a SLURM cluster: set gpus"),
+    ("runs:\n  lora-r16:\n    distributed: zero3\n", "'zero3' is not one of ['ddp', 'fsdp']"),
 ])
 def test_bad_config_fails_before_any_job_and_names_the_key(workdir, override, message):
     result = snakemake(workdir, "-n", *write_config(workdir, override), check=False)

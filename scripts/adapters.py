@@ -1,0 +1,64 @@
+"""The model a training run starts from: the base, loaded whole or quantized by
+bitsandbytes (4-bit NF4 or 8-bit), and the peft configuration of its adapter."""
+import math
+
+import torch
+from peft import AdaLoraConfig, LoraConfig, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig
+
+from models import DTYPES, load_base_model
+from preflight import quantization_of
+
+
+def load_model(args, precision, accelerator, tokenizer):
+    """Full fine-tuning keeps fp32 master weights (mixed precision casts the compute);
+    adapter methods train small fp32 adapters on a base stored in the compute dtype.
+    Under FSDP the 4-bit weights are stored in that float dtype (bnb_4bit_quant_storage),
+    which FSDP can split like any other weight; bitsandbytes' default uint8 it cannot."""
+    dtype = torch.float32 if args.method == "full" else DTYPES[precision]
+    common = dict(dtype=dtype, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code,
+                  tokenizer=tokenizer)
+    if quantization_of(args) == "none":
+        return load_base_model(args.base_model, **common)
+    if quantization_of(args) == "4bit":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=dtype,
+                                          bnb_4bit_quant_storage=dtype if args.distributed == "fsdp" else torch.uint8)
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    model = load_base_model(args.base_model, quantization_config=quantization, device_map={"": accelerator.device},
+                            **common)
+    keep_4bit_weights_trainable(model)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def keep_4bit_weights_trainable(model):
+    """bitsandbytes repacks a 4-bit layer's weights for its CPU inference kernel the first time
+    the layer runs in eval mode without gradients (a held-out loss, samples), and keeps them so:
+    that kernel passes no gradient back through the base, which silently changes what every
+    later step learns (or fails on layers with a bias). Training never wants the repacking."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def adalora_schedule(total_steps):
+    """AdaLoRA's warmup (tinit), final fine-tuning (tfinal) and reallocation interval,
+    leaving a non-empty budget-allocation phase however short the run."""
+    tinit = total_steps // 10
+    tfinal = total_steps // 5
+    if total_steps - tfinal - tinit < 1:
+        tinit, tfinal = 0, max(total_steps - 1, 0) // 2
+    return tinit, tfinal, max(1, (total_steps - tinit - tfinal) // 10)
+
+
+def peft_config(args, total_steps):
+    target_modules = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
+    common = dict(lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=target_modules, bias=args.bias,
+                  use_rslora=args.use_rslora, task_type="CAUSAL_LM")
+    if args.method == "adalora":
+        tinit, tfinal, delta_t = adalora_schedule(total_steps)
+        return AdaLoraConfig(target_r=args.r, init_r=args.adalora_init_r or math.ceil(1.5 * args.r), tinit=tinit,
+                             tfinal=tfinal, deltaT=delta_t, total_step=total_steps, **common)
+    return LoraConfig(r=args.r, use_dora=args.method == "dora", **common)
