@@ -1,6 +1,7 @@
-"""A real single-node SLURM cluster on this machine, for the SLURM tests:
-Debian's slurm-wlm and munge, one node with 2 CPUs and a fake GPU (gres with
-File=/dev/null) so that GPU jobs are accepted. Started as root; its config goes
+"""A real SLURM cluster on this machine, for the SLURM tests: Debian's
+slurm-wlm and munge, two nodes (two slurmd daemons on this host, `node1`
+and `node2`, each with its own port) of 2 CPUs and a fake GPU (gres with
+File=/dev/null) so that GPU jobs, and jobs over both nodes, are accepted. Started as root; its config goes
 to /etc/slurm (where srun inside jobs looks for it; files that were there are
 put back on stop), its state and logs to a temporary folder. Stopped by the
 pids it started."""
@@ -17,15 +18,14 @@ ClusterName=local
 GresTypes=gpu
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
 SlurmUser=root
 AuthType=auth/munge
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -36,10 +36,13 @@ SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
 MpiDefault=none
 MinJobAge=3600
-NodeName=localhost NodeHostname={hostname} CPUs=2 RealMemory=8000 Gres=gpu:1 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+NodeName=node1 NodeHostname={hostname} NodeAddr=127.0.0.1 Port={port_1} CPUs=2 RealMemory=8000 Gres=gpu:1 State=UNKNOWN
+NodeName=node2 NodeHostname={hostname} NodeAddr=127.0.0.1 Port={port_2} CPUs=2 RealMemory=8000 Gres=gpu:1 State=UNKNOWN
+PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
 """
-GRES_CONF = "NodeName=localhost Name=gpu Count=1 File=/dev/null\n"
+# Both nodes are this host. Their names do not resolve (jobs over both must be told MASTER_ADDR=127.0.0.1).
+NODES = ("node1", "node2")
+GRES_CONF = "".join(f"NodeName={node} Name=gpu Count=1 File=/dev/null\n" for node in NODES)
 
 
 def unavailable_reason():
@@ -88,24 +91,25 @@ class Cluster:
         self.daemons = []
 
     def start(self, timeout=60):
-        for folder in ("state", "spool"):
+        for folder in ("state", *(f"spool-{node}" for node in NODES)):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         CONFIG_DIR.mkdir(parents=True, exist_ok=True)
         config = {"slurm.conf": SLURM_CONF.format(root=self.root, hostname=socket.gethostname(),
-                                                  ctld_port=free_port(), d_port=free_port()),
+                                                  ctld_port=free_port(), port_1=free_port(),
+                                                  port_2=free_port()),
                   "gres.conf": GRES_CONF}
         for name, text in config.items():
             path = CONFIG_DIR / name
             self.saved_config[name] = path.read_text() if path.exists() else None
             path.write_text(text)
         start_munge(self.pids)
-        for command in (["slurmctld", "-D", "-i"], ["slurmd", "-D", "-N", "localhost"]):
-            log = open(self.root / f"{command[0]}.out", "w")
+        for command in (["slurmctld", "-D", "-i"], *(["slurmd", "-D", "-N", node] for node in NODES)):
+            log = open(self.root / f"{command[0]}-{command[-1]}.out", "w")
             self.daemons.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=log))
         deadline = time.time() + timeout
         while time.time() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
-            if state.stdout.strip() in ("idle", "mixed", "allocated"):
+            state = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True)
+            if sorted(state.stdout.split()) == ["idle"] * len(NODES):
                 return self
             time.sleep(0.5)
         self.stop()

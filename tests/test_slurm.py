@@ -105,3 +105,41 @@ def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, 
     assert len(resubmitted) == stale_jobs < expected_jobs
     assert "rule validate" in second.stdout + second.stderr
     assert "rule build_tiny_model" not in second.stdout
+
+
+TWO_NODE_CONFIG = """
+base_models:
+  tiny: {build_tiny: {corpus: corpus, vocab_size: 512, hidden_size: 32, num_layers: 2}}
+datasets:
+  corpus: {path: data/pretrain_corpus.jsonl, format: completion, split: train}
+  word_tasks: {path: data/word_tasks.jsonl, format: alpaca}
+eval: {num_samples: 4, max_new_tokens: 4}
+run_defaults: {max_steps: 10, eval_every: 0, log_every: 5, max_length: 64, checkpoint_every: 5}
+runs:
+  lora-2nodes: {gpus: 1, nodes: 2, distributed: fsdp}
+"""
+
+
+def test_a_run_over_two_nodes_is_one_slurm_job_with_a_launcher_on_each_node(tmp_path, cluster):
+    """nodes: 2 becomes one sbatch job over both nodes of the test cluster; srun starts
+    scripts/launch.py on each, and they meet at the first node (CPU here: gloo). Both nodes
+    are this machine under names that do not resolve, hence MASTER_ADDR (the launcher's
+    override of the first host of SLURM_JOB_NODELIST, which is tested on its own)."""
+    workdir = copy_workflow(tmp_path / "wf")
+    (workdir / "nodes.yaml").write_text(TWO_NODE_CONFIG)
+    config = ["--configfile", "nodes.yaml", "--replace-workflow-config"]
+    snakemake(workdir, "--cores", "2", *config, "--omit-from", "train")
+    profile = make_test_profile(workdir)
+    env = {**cluster.env, "ACCELERATE_USE_CPU": "true", "MASTER_ADDR": "127.0.0.1"}
+    result = snakemake(workdir, "--profile", str(profile), *config, "results/runs/lora-2nodes/train_summary.json",
+                       env=env, timeout=600)
+    output = result.stdout + result.stderr
+    jobs = submissions(output)
+    assert len(jobs) == 1, output[-3000:]
+    job = cluster.scontrol_job(next(iter(jobs.values())))
+    assert "NumNodes=2" in job and "NodeList=node[1-2]" in job, job
+    summary = json.loads((workdir / "results/runs/lora-2nodes/train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["distributed"] == "fsdp"
+    log = (workdir / "results/logs/train/lora-2nodes.log").read_text()
+    assert "2 process(es), FSDP" in log
+    assert (workdir / "results/runs/lora-2nodes/trained/adapter_model.safetensors").exists()
