@@ -33,7 +33,8 @@ from prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX, load_
 from tokenize_data import tokenize_file  # noqa: E402
 from validate_data import validate_file  # noqa: E402
 
-WORDS = (Path(REPO / "data" / "tokenizer_corpus.txt").read_text().split())
+CORPUS = REPO / "data" / "pretrain_corpus.jsonl"
+WORDS = [word for line in CORPUS.read_text().splitlines() for word in json.loads(line)["text"].split()]
 MAX_LENGTH = 1024
 
 
@@ -124,7 +125,7 @@ def main():
     work = args.workdir or Path(tempfile.mkdtemp(prefix="tokenize-bench-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    model_dir = build_tiny_model([REPO / "data" / "tokenizer_corpus.txt"], work / "tiny", vocab_size=1024)
+    model_dir = build_tiny_model([CORPUS], work / "tiny", vocab_size=1024)
     tokenizer = load_tokenizer(model_dir)
     raw, normalized = work / "raw.jsonl", work / "records.jsonl"
     write_synthetic(raw, args.records)
