@@ -4,13 +4,13 @@ import math
 
 import torch
 from peft import AdaLoraConfig, LoraConfig, prepare_model_for_kbit_training
-from transformers import BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from models import DTYPES, load_base_model
+from models import DTYPES, grow_embeddings_for, load_base_model, load_config
 from preflight import quantization_of
 
 
-def load_model(args, precision, accelerator, tokenizer):
+def load_model(args, precision, accelerator, tokenizer, empty=False):
     """Full fine-tuning keeps fp32 master weights (mixed precision casts the compute);
     adapter methods train small fp32 adapters on a base stored in the compute dtype.
     Under FSDP the 4-bit weights are stored in that float dtype (bnb_4bit_quant_storage),
@@ -19,7 +19,7 @@ def load_model(args, precision, accelerator, tokenizer):
     common = dict(dtype=dtype, attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code,
                   tokenizer=tokenizer)
     if quantization_of(args) == "none":
-        return load_base_model(args.base_model, **common)
+        return empty_model(args.base_model, **common) if empty else load_base_model(args.base_model, **common)
     if quantization_of(args) == "4bit":
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=dtype,
@@ -31,6 +31,18 @@ def load_model(args, precision, accelerator, tokenizer):
     keep_4bit_weights_trainable(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def empty_model(name_or_path, dtype, attn_implementation, trust_remote_code, tokenizer):
+    """The base model's structure without its weights (on the meta device), for the processes
+    of a sharded run that receive their shards from the first process instead of reading them."""
+    config = load_config(name_or_path, trust_remote_code)
+    attention = None if attn_implementation == "auto" else attn_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention,
+                                                 trust_remote_code=trust_remote_code)
+        grow_embeddings_for(model, tokenizer)
+    return model
 
 
 def keep_4bit_weights_trainable(model):

@@ -16,6 +16,7 @@ accelerate's FSDP plugin: accelerate 1.15 only turns FSDP on for GPU-type
 process groups, and this way the CPU test runs the same code as a GPU cluster.
 """
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -29,14 +30,20 @@ def layer_class_names(model):
     return set(getattr(base, "_no_split_modules", None) or [])
 
 
-def shard_model(model, precision):
+def shard_model(model, precision, device, weights_on_first_process_only=False):
     """FSDP2 over each decoder layer, then over the rest (embeddings, final norm, head).
     Under bf16/fp16 the gathered parameters are cast to that dtype for compute and the
-    gradients reduced in fp32; the sharded trainable weights stay fp32 masters."""
+    gradients reduced in fp32; the sharded trainable weights stay fp32 masters.
+
+    weights_on_first_process_only: only the first process read the weights; the others
+    built the model on the meta device. Each then receives its shards from the first, so
+    a node holds the whole model in memory once, not once per GPU."""
     layers = layer_class_names(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} declares no decoder layer classes (_no_split_modules): "
                          "FSDP cannot tell where to split it; use distributed ddp")
+    first = dist.get_rank() == 0
+    full_state = model.state_dict() if weights_on_first_process_only and first else {}
     compute = None if precision == "fp32" else DTYPES[precision]
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -44,6 +51,13 @@ def shard_model(model, precision):
         if type(module).__name__ in layers:
             fully_shard(module, mp_policy=policy)
     fully_shard(base, mp_policy=policy)
+    if weights_on_first_process_only:
+        if not first:
+            model.to_empty(device=device)
+        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                         broadcast_from_rank0=True))
+        for buffer in model.buffers():  # rotary frequencies and the like, not in the state dict
+            dist.broadcast(buffer, src=0)
     return model
 
 

@@ -77,10 +77,11 @@ def setup_data(args, num_processes):
     return train_examples, eval_examples, steps_per_epoch, total_steps
 
 
-def setup_model(args, precision, accelerator, total_steps):
-    """The base model with a fresh adapter (every parameter trainable for full), and its tokenizer."""
+def setup_model(args, precision, accelerator, total_steps, empty=False):
+    """The base model with a fresh adapter (every parameter trainable for full), and its tokenizer.
+    empty: build it without weights (a sharded run's other processes receive theirs)."""
     tokenizer = load_tokenizer(args.base_model, args.chat_template, args.trust_remote_code)
-    model = load_model(args, precision, accelerator, tokenizer)
+    model = load_model(args, precision, accelerator, tokenizer, empty)
     if args.gradient_checkpointing and quantization_of(args) == "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.method != "full":
@@ -106,12 +107,15 @@ def setup(args):
     packing = args.packing == "on" or (args.packing == "auto" and args.attn_implementation == "flash_attention_2")
     set_seed(args.seed)
     train_examples, eval_examples, steps_per_epoch, total_steps = setup_data(args, accelerator.num_processes)
-    model, tokenizer = setup_model(args, precision, accelerator, total_steps)
+    sharded = args.distributed == "fsdp" and accelerator.num_processes > 1
+    # A quantized base is quantized as it loads, on every process; otherwise only the first reads the weights.
+    first_reads = sharded and quantization_of(args) == "none"
+    model, tokenizer = setup_model(args, precision, accelerator, total_steps,
+                                   empty=first_reads and not accelerator.is_main_process)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    sharded = args.distributed == "fsdp" and accelerator.num_processes > 1
     if sharded:
-        shard_model(model, precision)
+        shard_model(model, precision, device, weights_on_first_process_only=first_reads)
     optimizer = make_optimizer(args, [p for p in model.parameters() if p.requires_grad])
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=round(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
