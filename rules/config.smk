@@ -2,8 +2,10 @@
 # everything is validated against schemas/config.schema.yaml (which also fills
 # in the defaults), then the cross-references a schema cannot express are
 # checked. All of this happens before any job is scheduled.
+import itertools
 import json
 import os
+import re
 
 from snakemake.utils import update_config, validate
 
@@ -17,6 +19,55 @@ def replace_the_config_in_cluster_jobs_too():
     elif workflow.remote_exec and os.environ.get("FINETUNE_WORKFLOW_CONFIG_REPLACED") == "1":
         config.clear()
         update_config(config, workflow.config_settings.overwrite_config)
+
+
+def sweep_value_name(value):
+    """A grid value as it appears in a run name: 0.0002, 16, true, all-linear, q_proj_v_proj."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return format(value, "g")
+    if isinstance(value, (list, tuple)):
+        return "_".join(map(sweep_value_name, value))
+    return str(value)
+
+
+def expand_sweeps():
+    """Each sweep's grid as runs: {sweep}-{key}{value}-... for every combination of values, in
+    the grid's key order, each run_defaults < base < its grid values. Returns {sweep: {run: values}}."""
+    sweeps = config.get("sweeps") or {}
+    if not isinstance(sweeps, dict):
+        raise ValueError("sweeps: expected a mapping of sweep names to {base, grid}")
+    run_settings = SETTINGS.load_schema()["$defs"]["run"]["properties"]
+    config["runs"] = dict(config.get("runs") or {})
+    expanded = {}
+    for sweep, spec in sweeps.items():
+        base, grid = dict((spec or {}).get("base") or {}), (spec or {}).get("grid")
+        if not isinstance(grid, dict) or not grid:
+            raise ValueError(f"sweep '{sweep}': grid is empty; give at least one run setting and its values")
+        for key, values in grid.items():
+            if key not in run_settings:
+                raise ValueError(f"sweep '{sweep}': grid key '{key}' is not a run setting "
+                                 f"(run settings: {', '.join(run_settings)})")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"sweep '{sweep}': grid key '{key}' has no values (give a non-empty list)")
+            if key in base:
+                raise ValueError(f"sweep '{sweep}': '{key}' is set in both base and grid; keep one")
+        for key in base:
+            if key not in run_settings:
+                raise ValueError(f"sweep '{sweep}': base key '{key}' is not a run setting")
+        expanded[sweep] = {}
+        for combination in itertools.product(*grid.values()):
+            values = dict(zip(grid, combination))
+            name = "-".join([sweep] + [f"{key}{sweep_value_name(value)}" for key, value in values.items()])
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+            if name in config["runs"]:
+                owner = next((s for s, runs in expanded.items() if name in runs), None)
+                raise ValueError(f"sweep '{sweep}': its run '{name}' ({values}) collides with "
+                                 + (f"a run of sweep '{owner}'" if owner else "a run listed under runs"))
+            config["runs"][name] = {**base, **values}
+            expanded[sweep][name] = values
+    return expanded
 
 
 def merge_run_defaults():
@@ -120,6 +171,7 @@ def check_hub_token():
 
 
 replace_the_config_in_cluster_jobs_too()
+SWEEPS = expand_sweeps()
 merge_run_defaults()
 check_what_schema_defaults_would_hide()
 validate(config, "../schemas/config.schema.yaml")

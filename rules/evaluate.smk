@@ -100,7 +100,14 @@ rule report_sweep:
             caption="captions/loss_vs_parameters.rst",
             labels={"figure": "eval loss vs parameters"},
         ),
+        swept_plot=report(
+            "results/report/metrics_vs_swept.png",
+            category="Sweep",
+            caption="captions/metrics_vs_swept.rst",
+            labels={"figure": "metrics vs swept settings"},
+        ),
     params:
+        sweeps=shlex.quote(json.dumps(SWEEPS, sort_keys=True)),
         runs=" ".join(
             f"--run {name} results/runs/{name} {shlex.quote(json.dumps(run, sort_keys=True))}"
             for name, run in RUNS.items()
@@ -111,4 +118,5 @@ rule report_sweep:
         "../envs/finetune.yaml"
     shell:
         "python {input.script} {params.runs} --csv {output.csv} --html {output.html}"
-        " --loss-plot {output.loss_plot} --params-plot {output.params_plot} > {log} 2>&1"
+        " --loss-plot {output.loss_plot} --params-plot {output.params_plot}"
+        " --sweeps {params.sweeps} --swept-plot {output.swept_plot} > {log} 2>&1"

@@ -1,12 +1,15 @@
 """Compare every run of the sweep: a sortable CSV and an HTML table with one row
 per run (settings, cost, losses, task metrics), exact match per task kind, the
-loss curves of all runs on one chart, and eval loss against trainable
-parameters. The best run is the one with the highest held-out exact match.
+loss curves of all runs on one chart, eval loss against trainable parameters,
+and, for each grid of the config's `sweeps`, the held-out loss and exact match
+against each swept setting. The best run is the one with the highest held-out exact match.
 
     python scripts/report_sweep.py --run r8 results/runs/r8 '{"method": "lora", ...}' \
         --run r16 results/runs/r16 '{...}' --csv results/report/sweep.csv \
         --html results/report/sweep.html --loss-plot results/report/loss_curves.png \
-        --params-plot results/report/eval_loss_vs_parameters.png
+        --params-plot results/report/eval_loss_vs_parameters.png \
+        --sweeps '{"lr": {"lr-learning_rate0.0001": {"learning_rate": 0.0001}, ...}}' \
+        --swept-plot results/report/metrics_vs_swept.png
 """
 import argparse
 import base64
@@ -136,6 +139,57 @@ def sortable_table(table_id, rows, columns, headers, best):
             f"<tbody>{body}</tbody></table></div>")
 
 
+SWEPT_METRICS = [("eval_loss", "held-out loss"), ("exact_match", "held-out exact match")]
+
+
+def swept_points(rows, runs, key):
+    """For one swept setting: the x labels (its values, in grid order) and, per metric, (x index, y) points."""
+    by_name = {row["run"]: row for row in rows}
+    labels = []
+    for values in runs.values():
+        label = json.dumps(values[key]) if isinstance(values[key], (list, dict)) else str(values[key])
+        if label not in labels:
+            labels.append(label)
+    points = {metric: [] for metric, _ in SWEPT_METRICS}
+    for name, values in runs.items():
+        label = json.dumps(values[key]) if isinstance(values[key], (list, dict)) else str(values[key])
+        for metric, _ in SWEPT_METRICS:
+            if name in by_name and by_name[name].get(metric) is not None:
+                points[metric].append((labels.index(label), by_name[name][metric]))
+    return labels, points
+
+
+def plot_metrics_vs_swept(rows, sweeps, path):
+    """One column per swept setting of each sweep, one row per main metric: every run of the sweep
+    as a point over the value it tried, the mean over the other settings as a line."""
+    panels = [(sweep, key, runs) for sweep, runs in sweeps.items() for key in next(iter(runs.values()), {})]
+    if not panels:
+        fig, ax = plt.subplots(figsize=(6, 1.5), dpi=100)
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no sweeps in the config", ha="center", va="center")
+    else:
+        fig, axes = plt.subplots(len(SWEPT_METRICS), len(panels), figsize=(3.6 * len(panels), 6), dpi=100,
+                                 squeeze=False)
+        for column, (sweep, key, runs) in enumerate(panels):
+            labels, points = swept_points(rows, runs, key)
+            for row, (metric, title) in enumerate(SWEPT_METRICS):
+                ax = axes[row][column]
+                xs, ys = zip(*points[metric]) if points[metric] else ((), ())
+                ax.scatter(xs, ys, s=30, alpha=0.7)
+                means = [(x, sum(y for px, y in points[metric] if px == x) / sum(px == x for px, _ in points[metric]))
+                         for x in range(len(labels)) if any(px == x for px, _ in points[metric])]
+                if means:
+                    ax.plot(*zip(*means), "-", color="black", alpha=0.6)
+                ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize="small")
+                ax.set_xlabel(key)
+                ax.set_ylabel(title)
+                ax.set_title(sweep, fontsize="small")
+                ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def best_run(rows):
     """The run with the highest held-out exact match, or with the lowest held-out loss when there is none."""
     if all(row.get("exact_match") is not None for row in rows):
@@ -147,7 +201,7 @@ def task_columns(rows):
     return sorted({key for row in rows for key in row if key.startswith(TASK_PREFIX)})
 
 
-def render_html(rows, loss_png, params_png):
+def render_html(rows, loss_png, params_png, swept_png=None):
     best, why = best_run(rows)
     tasks = task_columns(rows)
     image = "<img alt='{}' src='data:image/png;base64,{}'>".format
@@ -162,6 +216,8 @@ def render_html(rows, loss_png, params_png):
         "<h2>Loss curves</h2>", image("loss curves", base64.b64encode(loss_png).decode()),
         "<h2>Eval loss vs trainable parameters</h2>", image("eval loss vs parameters",
                                                              base64.b64encode(params_png).decode()),
+        *(["<h2>Metrics against each swept setting</h2>",
+           image("metrics vs swept settings", base64.b64encode(swept_png).decode())] if swept_png else []),
         f"<script>{SORT_SCRIPT}</script></body></html>",
     ])
 
@@ -174,6 +230,9 @@ def main():
     parser.add_argument("--html", type=Path, required=True)
     parser.add_argument("--loss-plot", type=Path, required=True)
     parser.add_argument("--params-plot", type=Path, required=True)
+    parser.add_argument("--sweeps", type=json.loads, default={},
+                        help='JSON {sweep: {run: {setting: value}}}: the runs each grid expanded to')
+    parser.add_argument("--swept-plot", type=Path, default=None, help="metrics against each swept setting (PNG)")
     args = parser.parse_args()
     rows, curves = [], {}
     for name, folder, settings in args.run:
@@ -187,7 +246,10 @@ def main():
         writer.writerows(rows)
     plot_loss_curves(curves, args.loss_plot)
     plot_loss_vs_parameters(rows, args.params_plot)
-    args.html.write_text(render_html(rows, args.loss_plot.read_bytes(), args.params_plot.read_bytes()),
+    if args.swept_plot:
+        plot_metrics_vs_swept(rows, args.sweeps, args.swept_plot)
+    swept_png = args.swept_plot.read_bytes() if args.swept_plot and args.sweeps else None
+    args.html.write_text(render_html(rows, args.loss_plot.read_bytes(), args.params_plot.read_bytes(), swept_png),
                          encoding="utf-8")
     print(f"sweep report of {len(rows)} run(s) written to {args.html}")
 
