@@ -1,8 +1,10 @@
 """How fast Snakemake builds the DAG of a large sweep: `snakemake -n` on a
 generated 100-run config (every job to do), and a no-op rerun (every output
-present and up to date).
+present and up to date). With --grid the runs come from one `sweeps:` grid
+(r x learning_rate x seed) instead of a hand-listed `runs:` block.
 
     python bench/dag_bench.py --runs 100 --repeats 3
+    python bench/dag_bench.py --grid --runs 1000 --repeats 3
 """
 import argparse
 import os
@@ -34,6 +36,17 @@ def sweep_config(runs):
     return config
 
 
+def grid_config(runs):
+    """A sweep of `runs` runs (a multiple of 100): 10 ranks x 10 learning rates x runs/100 seeds."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["runs"] = {}
+    config["sweeps"] = {"grid": {"base": {"target_modules": "all-linear"}, "grid": {
+        "r": [2, 4, 6, 8, 12, 16, 24, 32, 48, 64],
+        "learning_rate": [1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2],
+        "seed": list(range(max(runs // 100, 1)))}}}
+    return config
+
+
 def snakemake(workdir, *args):
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True,
@@ -61,12 +74,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--grid", action="store_true", help="the runs from one sweeps: grid (runs: a multiple of 100)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="dag-bench-"))
     for part in PARTS:
         source = REPO / part
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, workdir / part)
-    (workdir / "config" / "sweep.yaml").write_text(yaml.safe_dump(sweep_config(args.runs), sort_keys=False))
+    config = grid_config(args.runs) if args.grid else sweep_config(args.runs)
+    (workdir / "config" / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     config = ["--configfile", "config/sweep.yaml", "--replace-workflow-config"]
 
     plan_times, dry_run = [], ""
@@ -80,7 +95,7 @@ def main():
         seconds, output = snakemake(workdir, "-n", *config)
         assert "Nothing to be done" in output, output[-2000:]
         noop_times.append(seconds)
-    print(f"{args.runs} runs, {jobs} jobs, {files} outputs; {platform.machine()}, {os.cpu_count()} cores, "
+    print(f"{args.runs} runs{' from a sweeps: grid' if args.grid else ''}, {jobs} jobs, {files} outputs; {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}; median of {args.repeats}")
     print("| command | seconds |\n|---|---|")
     print(f"| `snakemake -n` (all {jobs} jobs to plan) | {statistics.median(plan_times):.2f} |")

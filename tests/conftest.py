@@ -56,6 +56,18 @@ def shards(tmp_path_factory, tiny_tokenizer, example_records):
     return paths
 
 
+SHARE_THE_FINISHED_PROJECT = {"test_relocation_and_reruns", "test_report_browser", "test_workflow_e2e"}
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (--dist loadgroup) a module's tests stay on one worker, and the
+    modules that use the `finished` project (minutes to build) share one worker."""
+    for item in items:
+        module = item.module.__name__
+        group = "finished-project" if module in SHARE_THE_FINISHED_PROJECT else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 TRAIN_STEPS = 60
 
 
