@@ -17,7 +17,8 @@ from distributed import restore_sharded_training_state, sharded_training_state
 from settings import script_settings
 
 # Training settings that do not change what is learned: a checkpoint written under other values still resumes.
-NOT_LEARNED = {"checkpoint_every", "log_every", "eval_every", "sample_every", "prompts", "template", "max_new_tokens"}
+NOT_LEARNED = {"checkpoint_every", "log_every", "eval_every", "sample_every", "prompts", "template", "max_new_tokens",
+               "early_stopping"}
 
 
 def fingerprint(args):

@@ -39,12 +39,22 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss(metrics, path, title):
+def plot_loss(metrics, path, title, summary=None):
+    """Train and held-out loss over steps, with the step whose weights were kept (keep: best)
+    and the step where early stopping ended the run marked."""
+    summary = summary or {}
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train loss")
     evals = [m for m in metrics if "eval_loss" in m]
     if evals:
         ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval loss")
+    if summary.get("best_step") is not None:
+        kept = " (kept)" if summary.get("kept") == "best" else ""
+        ax.axvline(summary["best_step"], color="tab:green", linestyle="--",
+                   label=f"lowest eval loss{kept}: step {summary['best_step']}")
+    if summary.get("stop_reason", "max_steps") != "max_steps":
+        ax.axvline(summary["stopped_at_step"], color="tab:red", linestyle=":",
+                   label=f"early stop: step {summary['stopped_at_step']}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per trained token")
     ax.set_title(title)
@@ -150,8 +160,9 @@ def main():
     parser.add_argument("--plot", type=Path, required=True)
     parser.add_argument("--html", type=Path, required=True)
     args = parser.parse_args()
-    plot_loss(read_jsonl(args.metrics), args.plot, f"run {args.run_name}")
-    page = render_html(args.run_name, args.settings, json.loads(args.summary.read_text()),
+    summary = json.loads(args.summary.read_text())
+    plot_loss(read_jsonl(args.metrics), args.plot, f"run {args.run_name}", summary)
+    page = render_html(args.run_name, args.settings, summary,
                        json.loads(args.eval_json.read_text()), read_jsonl(args.generations),
                        read_jsonl(args.samples) if args.samples else [], args.plot.read_bytes())
     args.html.write_text(page, encoding="utf-8")

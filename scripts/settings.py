@@ -146,6 +146,9 @@ def run_conflicts(run):
                         f"{quantization}); use an adapter method or quantization none")
     if method == "qlora" and quantization == "8bit":
         problems.append("qlora is LoRA on a 4bit base; for an 8bit base use method lora with quantization 8bit")
+    for name, wanted in (("keep", run.get("keep") == "best"), ("early_stopping", bool(run.get("early_stopping")))):
+        if wanted and not run.get("eval_every"):
+            problems.append(f"{name} compares held-out losses between evaluations: set eval_every (steps between them)")
     if distributed == "fsdp":
         if method == "adalora":
             problems.append("AdaLoRA reallocates ranks from whole adapter matrices, which FSDP splits over "

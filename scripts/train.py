@@ -40,7 +40,7 @@ from transformers import get_scheduler
 
 from adapters import load_model, peft_config
 from batches import mean_token_loss, micro_batch_indices, pack_batch, pad_batch, real_tokens
-from checkpoints import fingerprint, load_checkpoint, save_checkpoint
+from checkpoints import fingerprint, load_checkpoint, save_checkpoint, trainable_state
 from generation import encode_prompt, generate, prompt_records, reference_answer
 from distributed import saved_state, shard_model
 from models import resolve_precision
@@ -48,6 +48,7 @@ from preflight import check_architecture, hardware_problems, quantization_of
 from outputs import save_pretrained_atomically, write_json
 from prompts import ADDED_PAD, count_trained_tokens, load_tokenizer, resolve_template, stop_token_ids
 from settings import add_settings, check_settings, run_conflicts
+from selection import load_best_weights, new_record, note_evaluation, save_best_weights, stop_reason
 from shards import read_shards
 from training_log import TrainingLog
 
@@ -71,6 +72,9 @@ def setup_data(args, num_processes):
     eval_examples = read_shards(args.shards, "eval")
     if not train_examples:
         sys.exit(f"[{args.run_name}] no training records in {', '.join(map(str, args.shards))}")
+    if not eval_examples and (args.keep == "best" or args.early_stopping):
+        sys.exit(f"[{args.run_name}] keep best and early stopping compare held-out losses, but the shards hold no "
+                 "held-out records (raise eval.fraction, or give a dataset with split: eval)")
     micro_batches_per_epoch = len(train_examples) // args.batch_size // num_processes
     steps_per_epoch = max(micro_batches_per_epoch // args.grad_accum, 1)
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
@@ -123,7 +127,8 @@ def setup(args):
         args=args, accelerator=accelerator, device=device, precision=precision, packing=packing, sharded=sharded,
         train_examples=train_examples, eval_examples=eval_examples, total_steps=total_steps, tokenizer=tokenizer,
         trainable=trainable, total=total, model=model, unwrapped=model, optimizer=optimizer, scheduler=scheduler,
-        start_step=0, elapsed_before=0.0, history={"metrics": [], "samples": []},
+        start_step=0, elapsed_before=0.0, history={"metrics": [], "samples": [], "selection": new_record()},
+        best_state=None,
         sample_prompts=sample_prompts(args, tokenizer), stop_ids=sample_stop_ids(args, tokenizer),
         checkpoints=Path(args.checkpoint_dir) if args.checkpoint_dir else None, fingerprint=None)
     say(run, f"{args.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
@@ -134,7 +139,9 @@ def setup(args):
     if run.checkpoints:
         run.fingerprint = fingerprint(args)
         run.start_step, history, run.elapsed_before = load_checkpoint(run.checkpoints, run, lambda m: say(run, m))
-        run.history = history or run.history
+        run.history = {**run.history, **(history or {})}
+        if args.keep == "best" and accelerator.is_main_process:
+            run.best_state = load_best_weights(run.checkpoints)
     if not sharded:
         run.model, run.optimizer = accelerator.prepare(model, optimizer)
         run.unwrapped = accelerator.unwrap_model(run.model)
@@ -251,9 +258,9 @@ def peak_memory_mb(device):
 # ---------------------------------------------------------------- save
 
 
-def save(run, tokens_seen, state=None):
+def save(run, tokens_seen, stopped_at, stop, state=None):
     """The adapter and tokenizer, the run summary; then the checkpoints are no longer needed.
-    `state`: the weights gathered from a sharded model."""
+    `state`: the weights to save instead of the model's own (the best ones, or a sharded model's, gathered)."""
     args, processes = run.args, run.accelerator.num_processes
     session_time = time.perf_counter() - run.started
     wall_time = run.elapsed_before + session_time
@@ -272,10 +279,28 @@ def save(run, tokens_seen, state=None):
         "processes": processes, "distributed": args.distributed if processes > 1 else "none", "wall_time_s": wall_time, "peak_memory_mb": peak_memory_mb(run.device),
         "session_time_s": session_time, "session_tokens": tokens_seen * processes,
         "session_tokens_per_s": tokens_seen * processes / session_time,
+        "kept": args.keep, **{k: v for k, v in run.history["selection"].items() if k.startswith("best_")},
+        "stopped_at_step": stopped_at, "stop_reason": stop or "max_steps",
     })
     if run.checkpoints:
         shutil.rmtree(run.checkpoints, ignore_errors=True)
     say(run, f"{'model' if args.method == 'full' else 'adapter'} written to {output_dir} after {wall_time:.1f}s")
+
+
+def select(run, step, eval_loss):
+    """Note a held-out loss: keep the weights when they are the best so far (keep: best);
+    why to stop now (early stopping), or None."""
+    args = run.args
+    min_delta = (args.early_stopping or {}).get("min_delta", 0.0)
+    if note_evaluation(run.history["selection"], step, eval_loss, min_delta) and args.keep == "best":
+        main = run.accelerator.is_main_process
+        if run.sharded:  # every process takes part in gathering
+            run.best_state = saved_state(run.model, adapter_only=args.method != "full")
+        elif main:  # a copy: on CPU the state would otherwise share memory with the weights training goes on with
+            run.best_state = {name: tensor.clone() for name, tensor in trainable_state(run.unwrapped).items()}
+        if main and run.checkpoints:
+            save_best_weights(run.checkpoints, run.best_state)
+    return stop_reason(run.history["selection"], args.early_stopping)
 
 
 # ---------------------------------------------------------------- the loop
@@ -294,6 +319,7 @@ def train(args):
     run.started = interval_start = time.perf_counter()
     interval, tokens_seen = {"loss": 0.0, "trained": 0, "tokens": 0}, 0
     run.model.train()
+    step, stop = run.start_step, None
     for step in range(run.start_step + 1, run.total_steps + 1):
         epoch, loss, trained, seen, interval["grad_norm"] = train_step(run, step)
         interval["loss"] += loss * trained
@@ -309,6 +335,10 @@ def train(args):
                 progress.write(f"[{args.run_name}] " + " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             interval, interval_start = {"loss": 0.0, "trained": 0, "tokens": 0}, time.perf_counter()
+            stop = select(run, step, row["eval_loss"]) if "eval_loss" in row else None
+            if stop:
+                say(run, f"{stop}: stopping at step {step} of {run.total_steps}")
+                break
         if run.sample_prompts and (step % args.sample_every == 0 or step == run.total_steps):
             if main or run.sharded:  # a sharded model generates on every process together
                 rows = samples_at(run, step)
@@ -322,9 +352,12 @@ def train(args):
     progress.close()
     log.close()
     run.accelerator.wait_for_everyone()
-    state = saved_state(run.model, adapter_only=args.method != "full") if run.sharded else None
+    if args.keep == "best":
+        state = run.best_state
+    else:
+        state = saved_state(run.model, adapter_only=args.method != "full") if run.sharded else None
     if main:
-        save(run, tokens_seen, state)
+        save(run, tokens_seen, step, stop, state)
 
 
 def parse_args(argv=None):

@@ -59,13 +59,18 @@ def shards(tmp_path_factory, tiny_tokenizer, example_records):
 SHARE_THE_FINISHED_PROJECT = {"test_relocation_and_reruns", "test_report_browser", "test_workflow_e2e"}
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (--dist loadgroup) a module's tests stay on one worker, and the
-    modules that use the `finished` project (minutes to build) share one worker."""
-    for item in items:
-        module = item.module.__name__
-        group = "finished-project" if module in SHARE_THE_FINISHED_PROJECT else module
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist each module runs whole on one worker (its module fixtures are built
+    once), and the modules that use the `finished` project (minutes to build) share one worker."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = Path(nodeid.split("::", 1)[0]).stem
+            return "finished-project" if module in SHARE_THE_FINISHED_PROJECT else module
+
+    return ModuleScheduling(config, log)
 
 
 TRAIN_STEPS = 60
