@@ -56,23 +56,6 @@ def shards(tmp_path_factory, tiny_tokenizer, example_records):
     return paths
 
 
-SHARE_THE_FINISHED_PROJECT = {"test_relocation_and_reruns", "test_report_browser", "test_workflow_e2e"}
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """Under pytest-xdist each module runs whole on one worker (its module fixtures are built
-    once), and the modules that use the `finished` project (minutes to build) share one worker."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ModuleScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid):
-            module = Path(nodeid.split("::", 1)[0]).stem
-            return "finished-project" if module in SHARE_THE_FINISHED_PROJECT else module
-
-    return ModuleScheduling(config, log)
-
-
 TRAIN_STEPS = 60
 
 

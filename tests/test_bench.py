@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_mode_runs_every_side_at_a_tiny_size_on_cpu(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "bench" / "train_bench.py"), "--gpu", "--device", "cpu",
-                             "--size", "tiny", "--records", "24", "--steps", "2", "--threads", "1",
+                             "--size", "tiny", "--records", "16", "--steps", "1", "--threads", "1",
                              "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LoRA r=16 all-linear, bf16" in result.stdout

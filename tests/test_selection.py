@@ -8,6 +8,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+import train
+
 from selection import new_record, note_evaluation, stop_reason
 from test_train_resume_and_scale import env, kill_after_checkpoint, train_args
 
@@ -40,8 +42,8 @@ def test_an_evaluation_counts_as_improvement_only_below_the_best_by_more_than_mi
 
 def test_early_stopping_stops_and_keep_best_writes_the_weights_of_the_best_evaluation(tmp_path, tiny_model, shards):
     stopped = tmp_path / "stopped"
-    subprocess.run(TRAIN + train_args(tiny_model, shards, stopped, "--max-steps", "200", *CONSTANT, *NEVER_BETTER,
-                                      "--keep", "best"), env=env(), check=True, capture_output=True)
+    train.main(train_args(tiny_model, shards, stopped, "--max-steps", "200", *CONSTANT, *NEVER_BETTER,
+                                      "--keep", "best"))
     summary = summary_of(stopped)
     assert (summary["best_step"], summary["stopped_at_step"], summary["kept"]) == (10, 40, "best")
     assert summary["stop_reason"].startswith("early stopping: 3 evaluations without lowering")
@@ -49,16 +51,14 @@ def test_early_stopping_stops_and_keep_best_writes_the_weights_of_the_best_evalu
     assert rows[-1]["step"] == 40
 
     ten_steps = tmp_path / "ten"
-    subprocess.run(TRAIN + train_args(tiny_model, shards, ten_steps, "--max-steps", "10", *CONSTANT),
-                   env=env(), check=True, capture_output=True)
+    train.main(train_args(tiny_model, shards, ten_steps, "--max-steps", "10", *CONSTANT))
     kept, reference = adapter_of(stopped), adapter_of(ten_steps)
     assert kept.keys() == reference.keys()
     for name in kept:
         assert (kept[name] - reference[name]).abs().max() < 1e-6, name
 
     last = tmp_path / "last"
-    subprocess.run(TRAIN + train_args(tiny_model, shards, last, "--max-steps", "200", *CONSTANT, *NEVER_BETTER),
-                   env=env(), check=True, capture_output=True)
+    train.main(train_args(tiny_model, shards, last, "--max-steps", "200", *CONSTANT, *NEVER_BETTER))
     assert summary_of(last)["kept"] == "last" and summary_of(last)["stopped_at_step"] == 40
     assert any((adapter_of(last)[name] - reference[name]).abs().max() > 1e-4 for name in reference)
 
@@ -66,8 +66,7 @@ def test_early_stopping_stops_and_keep_best_writes_the_weights_of_the_best_evalu
 def test_a_killed_run_resumes_to_the_same_best_step_stop_and_weights(tmp_path, tiny_model, shards):
     straight = tmp_path / "straight"
     extra = ["--max-steps", "200", *CONSTANT, *NEVER_BETTER, "--keep", "best"]
-    subprocess.run(TRAIN + train_args(tiny_model, shards, straight, *extra), env=env(), check=True,
-                   capture_output=True)
+    train.main(train_args(tiny_model, shards, straight, *extra))
     resumed, checkpoints = tmp_path / "resumed", tmp_path / "checkpoints"
     command = TRAIN + train_args(tiny_model, shards, resumed, *extra, "--checkpoint-every", "5",
                                  "--checkpoint-dir", str(checkpoints))
@@ -85,7 +84,7 @@ def test_a_killed_run_resumes_to_the_same_best_step_stop_and_weights(tmp_path, t
     (["--keep", "best", "--eval-every", "0"], "keep compares held-out losses between evaluations: set eval_every"),
     (["--early-stopping", '{"patience": 0}'], "--early-stopping: 0 is less than the minimum of 1"),
 ])
-def test_selection_without_evaluations_is_refused(tmp_path, tiny_model, shards, extra, message):
-    result = subprocess.run(TRAIN + train_args(tiny_model, shards, tmp_path / "run", "--max-steps", "5", *extra),
-                            env=env(), capture_output=True, text=True)
-    assert result.returncode != 0 and message in result.stderr
+def test_selection_without_evaluations_is_refused(tmp_path, tiny_model, shards, capsys, extra, message):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(train_args(tiny_model, shards, tmp_path / "run", "--max-steps", "5", *extra))
+    assert message in f"{stopped.value.code} {capsys.readouterr().err}"
