@@ -19,8 +19,11 @@ include: "rules/paths.smk"
 include: "rules/summary.smk"
 
 
+# A run is any name the schema allows (not an alternation of every run: with a 1,000-run
+# sweep that regex made each file-to-rule match try 1,000 names); an unknown one fails in the
+# first input function that looks it up.
 wildcard_constraints:
-    run="|".join(RUNS),
+    run="[A-Za-z0-9][A-Za-z0-9_.-]*",
     dataset="|".join(config["datasets"]),
     model="|".join(config["base_models"]),
     tokenization="[A-Za-z0-9_.-]+",

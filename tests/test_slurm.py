@@ -56,11 +56,18 @@ def train_jobs(output):
     return found
 
 
+def job_ids(output, rules):
+    """Snakemake job ids of the jobs of these rules, from the job blocks Snakemake prints."""
+    return [int(re.search(r"jobid: (\d+)", block).group(1))
+            for block in re.split(r"\n(?=(?:local)?rule \w+:)", output)
+            if re.match(r"rule (\w+):", block) and re.match(r"rule (\w+):", block).group(1) in rules]
+
+
 def submissions(output):
     return {int(job): int(slurm_id) for job, slurm_id in SUBMITTED.findall(output)}
 
 
-# A small sweep (no pretraining, one task file, a LoRA run on a GPU and a full run on none): every SLURM job
+# A small sweep (no pretraining, one task file, one LoRA run on a GPU): every SLURM job
 # waits for the plugin's status polling, whose interval grows while nothing finishes, so the DAG is kept shallow.
 SLURM_CONFIG = """
 base_models:
@@ -72,7 +79,6 @@ eval: {num_samples: 4, max_new_tokens: 4}
 run_defaults: {max_steps: 10, eval_every: 0, log_every: 5, max_length: 64, checkpoint_every: 0}
 runs:
   lora-r16: {gpus: 1}
-  full: {method: full}
 """
 
 
@@ -93,7 +99,9 @@ def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, 
 
     train = {run: jobs[job] for run, job in train_jobs(output).items()}
     assert "TresPerJob=gres:gpu:1" in cluster.scontrol_job(train["lora-r16"]), "gpus: 1 reached SLURM as one GPU"
-    assert "gres:gpu" not in cluster.scontrol_job(train["full"])
+    cpu_only = [jobs[job] for job in job_ids(output, ("validate", "tokenize", "build_tiny_model"))]
+    assert cpu_only and not any("gres:gpu" in cluster.scontrol_job(slurm_id) for slurm_id in cpu_only), \
+        "jobs that use no GPU ask for none"
 
     data = workdir / "data/word_tasks.jsonl"
     data.write_text(data.read_text() + json.dumps({"instruction": "What is the first word?", "input": "List: kiwi lime",

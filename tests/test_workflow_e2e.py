@@ -177,17 +177,17 @@ def test_snakemake_report_contains_every_run(finished):
     assert sum(n.endswith("/report.html") and "/raw/" in n for n in names) == len(run_settings(finished))
 
 
-def test_uploads_leak_no_token_anywhere(tmp_path):
-    """With a (fake) token set and an upload configured, run the workflow against a
-    Hub endpoint where nothing listens: the upload fails, nothing records it, and
-    the token appears in no file the workflow wrote, logs included."""
+def test_uploads_leak_no_token_anywhere(finished, tmp_path):
+    """With a (fake) token set and an upload configured on a copy of the finished project, run
+    the workflow against a Hub endpoint where nothing listens: the upload fails, nothing records
+    it, and the token appears in no file of the project, logs included."""
     import socket
-    from workflow import copy_workflow
+    from workflow import copy_project
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    workdir = copy_workflow(tmp_path / "wf")
-    (workdir / "leak.yaml").write_text(QUICK_CONFIG + "runs:\n  lora-r16:\n    hub: {repo_id: me/lora-r16, what: merged}\n")
+    workdir = copy_project(finished, tmp_path / "project")
+    (workdir / "leak.yaml").write_text("runs:\n  lora-r16:\n    hub: {repo_id: me/lora-r16, what: merged}\n")
     token = "hf_LeakCanary0123456789abcdefGHIJKL"
     env = {"HF_TOKEN": token, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0"}
     result = snakemake(workdir, "results/runs/lora-r16/upload.json", "--cores", "2", "--configfile", "leak.yaml",
