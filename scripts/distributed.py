@@ -24,10 +24,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from models import DTYPES
 
 
-def layer_class_names(model):
-    """The model's repeated block (decoder layer) classes, as transformers declares them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(getattr(base, "_no_split_modules", None) or [])
+def transformers_model(model):
+    """The transformers model itself, also when peft wraps it."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def shard_model(model, precision, device, weights_on_first_process_only=False):
@@ -38,7 +37,8 @@ def shard_model(model, precision, device, weights_on_first_process_only=False):
     weights_on_first_process_only: only the first process read the weights; the others
     built the model on the meta device. Each then receives its shards from the first, so
     a node holds the whole model in memory once, not once per GPU."""
-    layers = layer_class_names(model)
+    base = transformers_model(model)
+    layers = set(getattr(base, "_no_split_modules", None) or [])  # its decoder layer classes
     if not layers:
         raise ValueError(f"{type(model).__name__} declares no decoder layer classes (_no_split_modules): "
                          "FSDP cannot tell where to split it; use distributed ddp")
@@ -46,7 +46,6 @@ def shard_model(model, precision, device, weights_on_first_process_only=False):
     full_state = model.state_dict() if weights_on_first_process_only and first else {}
     compute = None if precision == "fp32" else DTYPES[precision]
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for module in base.modules():
         if type(module).__name__ in layers:
             fully_shard(module, mp_policy=policy)
