@@ -29,6 +29,8 @@ def sweep_value_name(value):
         return format(value, "g")
     if isinstance(value, (list, tuple)):
         return "_".join(map(sweep_value_name, value))
+    if isinstance(value, dict):
+        return "_".join(f"{key}{sweep_value_name(item)}" for key, item in value.items())
     return str(value)
 
 
@@ -82,6 +84,11 @@ def check_what_schema_defaults_would_hide():
         if run.get("method") == "full" and run.get("merge"):
             raise ValueError(f"run '{run_name}': merge does not apply to method full (its trained folder is a whole "
                              "model already); remove merge or set it to false")
+        weights = run["datasets"] if isinstance(run.get("datasets"), dict) else {}
+        for dataset, weight in weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+                raise ValueError(f"run '{run_name}': datasets: the weight of '{dataset}' must be a number > 0, "
+                                 f"got {weight!r} (leave a dataset out to not train on it)")
     for model, spec in (config.get("base_models") or {}).items():
         pretrain = ((spec or {}).get("build_tiny") or {}).get("pretrain") or {}
         if pretrain.get("method", "full") != "full":

@@ -78,6 +78,12 @@ def shards(run_name):
     return [f"results/tokens/{TOKENIZATION_OF_RUN[run_name]}/{dataset}.arrow" for dataset in RUNS[run_name]["datasets"]]
 
 
+def mix_weights(run_name):
+    """The train flag of a run whose datasets carry weights, in the order of its shards."""
+    datasets = RUNS[run_name]["datasets"]
+    return "--weights " + " ".join(str(datasets[name]) for name in datasets) if isinstance(datasets, dict) else ""
+
+
 def normalized_records(run_name):
     return [f"results/data/{dataset}.jsonl" for dataset in RUNS[run_name]["datasets"]]
 

@@ -22,6 +22,7 @@ rule train:
         base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
         launcher=lambda wc: train_launcher(RUNS[wc.run]["gpus"], RUNS[wc.run]["nodes"]),
         settings=lambda wc: script_flags("train", run=RUNS[wc.run]),
+        weights=lambda wc: mix_weights(wc.run),
         checkpoints=lambda wc: f"results/checkpoints/{wc.run}",
         gpu_pool=script("gpu_pool"),
         gpus=lambda wc: RUNS[wc.run]["gpus"],
@@ -40,7 +41,7 @@ rule train:
     shell:
         "python {params.gpu_pool} --gpus {params.gpus} --"
         " {params.launcher} {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
-        " --shards {input.shards} --output-dir {output.trained} --metrics {output.metrics}"
+        " --shards {input.shards} {params.weights} --output-dir {output.trained} --metrics {output.metrics}"
         " --summary {output.summary} --samples {output.samples} --tensorboard-dir {output.tensorboard}"
         " --checkpoint-dir {params.checkpoints}"
         " {params.settings} --threads {threads} > {log} 2>&1"

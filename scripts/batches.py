@@ -6,13 +6,15 @@ import random
 
 import torch
 
+from mixing import epoch_examples, epoch_shares
 from prompts import IGNORE_INDEX, count_trained_tokens
 
 
-def length_grouped_batches(lengths, batch_size, seed):
-    """Shuffled batches of similar-length records: little padding, still random order."""
+def length_grouped_batches(lengths, batch_size, seed, pool=None):
+    """Shuffled batches of similar-length records: little padding, still random order.
+    pool: the example positions to batch (an epoch of a weighted mix); default all of them."""
     rng = random.Random(seed)
-    order = list(range(len(lengths)))
+    order = list(range(len(lengths))) if pool is None else [int(i) for i in pool]
     rng.shuffle(order)
     window = batch_size * 64
     batches = []
@@ -23,11 +25,16 @@ def length_grouped_batches(lengths, batch_size, seed):
     return batches
 
 
-def micro_batch_indices(lengths, batch_size, seed, process_index, num_processes):
-    """Endless (epoch, record indices) of this process's micro-batches, the same on every rerun."""
+def micro_batch_indices(lengths, batch_size, seed, process_index, num_processes, mix=None):
+    """Endless (epoch, record indices) of this process's micro-batches, the same on every rerun.
+    mix: (sizes, weights) of the sources laid end to end, to weight each epoch (mixing.py)."""
     epoch = 0
     while True:
-        batches = length_grouped_batches(lengths, batch_size, seed + epoch)
+        pool = None
+        if mix:
+            sizes, weights = mix
+            pool = epoch_examples(sizes, epoch_shares(sizes, weights), seed, epoch)
+        batches = length_grouped_batches(lengths, batch_size, seed + epoch, pool)
         per_process = len(batches) // num_processes
         for indices in batches[process_index::num_processes][:per_process]:
             yield epoch, indices

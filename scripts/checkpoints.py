@@ -25,6 +25,8 @@ def fingerprint(args):
     """Identity of what this run learns: the base model, every training setting
     that shapes learning, and the exact shard contents."""
     learned = {name: getattr(args, name) for name in script_settings("train") if name not in NOT_LEARNED}
+    if getattr(args, "weights", None):
+        learned["weights"] = args.weights
     digest = hashlib.sha256(json.dumps({"base_model": str(args.base_model), **learned}, sort_keys=True).encode())
     for shard in args.shards:
         with open(shard, "rb") as f:

@@ -31,12 +31,17 @@ class ShardExamples:
 
     def __init__(self, paths, split):
         self.maps, self.batches, self.reads = [], [], 0  # record batches whose buffers live in the maps
-        for path in paths:
+        file_of_batch = []
+        for number, path in enumerate(paths):
             with open(path, "rb") as f:
                 self.maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
             self.batches += list(pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(self.maps[-1]))))
+            file_of_batch += [number] * (len(self.batches) - len(file_of_batch))
         where = [np.flatnonzero(pa.compute.equal(b.column("split"), split).to_numpy(zero_copy_only=False))
                  for b in self.batches]
+        # Examples of this split in each file: the files' examples lie end to end, in the order given.
+        self.sizes = np.bincount(np.asarray(file_of_batch, dtype=int), weights=[len(rows) for rows in where],
+                                 minlength=len(paths)).astype(int).tolist()
         self.batch_of = np.concatenate([np.full(len(rows), i) for i, rows in enumerate(where)] or [np.zeros(0, int)])
         self.row_of = np.concatenate(where or [np.zeros(0, int)])
         self.lengths = np.concatenate([b.column("length").to_numpy()[rows] for b, rows in zip(self.batches, where)]

@@ -14,6 +14,8 @@ a full run of this same recipe on plain text.
 - Checkpoints go to --checkpoint-dir every --checkpoint-every steps; a rerun
   with the same settings and data resumes from the last one, a rerun with
   different ones starts over. A NaN/inf loss stops the run; no adapter is written.
+- --weights mixes the shards' datasets by weight (mixing.py has the meaning);
+  the summary counts the examples each one contributed.
 - Runs on one device, or on several under `accelerate launch` (DDP).
 
     python scripts/train.py --base-model results/base_models/tiny-llama \
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
@@ -41,6 +44,7 @@ from transformers import get_scheduler
 from adapters import load_model, peft_config
 from batches import mean_token_loss, micro_batch_indices, pack_batch, pad_batch, real_tokens
 from checkpoints import fingerprint, load_checkpoint, save_checkpoint, trainable_state
+from mixing import describe_mix, source_of_positions
 from generation import encode_prompt, generate, prompt_records, reference_answer
 from distributed import saved_state, shard_model
 from models import resolve_precision
@@ -75,6 +79,9 @@ def setup_data(args, num_processes):
     if not eval_examples and (args.keep == "best" or args.early_stopping):
         sys.exit(f"[{args.run_name}] keep best and early stopping compare held-out losses, but the shards hold no "
                  "held-out records (raise eval.fraction, or give a dataset with split: eval)")
+    for path, size, weight in zip(args.shards, train_examples.sizes, args.weights or []):
+        if size == 0:
+            sys.exit(f"[{args.run_name}] {path} has no training records, but its dataset has weight {weight}")
     micro_batches_per_epoch = len(train_examples) // args.batch_size // num_processes
     steps_per_epoch = max(micro_batches_per_epoch // args.grad_accum, 1)
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
@@ -128,7 +135,8 @@ def setup(args):
         train_examples=train_examples, eval_examples=eval_examples, total_steps=total_steps, tokenizer=tokenizer,
         trainable=trainable, total=total, model=model, unwrapped=model, optimizer=optimizer, scheduler=scheduler,
         start_step=0, elapsed_before=0.0, history={"metrics": [], "samples": [], "selection": new_record()},
-        best_state=None,
+        best_state=None, source_of=source_of_positions(train_examples.sizes),
+        contributed=np.zeros(len(args.shards), dtype=np.int64),
         sample_prompts=sample_prompts(args, tokenizer), stop_ids=sample_stop_ids(args, tokenizer),
         checkpoints=Path(args.checkpoint_dir) if args.checkpoint_dir else None, fingerprint=None)
     say(run, f"{args.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
@@ -136,6 +144,9 @@ def setup(args):
              f"({steps_per_epoch} per epoch); {precision}, {model.config._attn_implementation} attention, "
              f"{'packed' if packing else 'length-grouped'} batches, {accelerator.num_processes} process(es)"
              f"{', FSDP' if sharded else ''}")
+    if args.weights:
+        say(run, "mix per epoch: " + ", ".join(f"{name} {spec['per_epoch']} of {spec['train_records']}"
+                                               for name, spec in mix_description(run).items()))
     if run.checkpoints:
         run.fingerprint = fingerprint(args)
         run.start_step, history, run.elapsed_before = load_checkpoint(run.checkpoints, run, lambda m: say(run, m))
@@ -145,14 +156,29 @@ def setup(args):
     if not sharded:
         run.model, run.optimizer = accelerator.prepare(model, optimizer)
         run.unwrapped = accelerator.unwrap_model(run.model)
+    mix = (train_examples.sizes, args.weights) if args.weights else None
     run.batches = micro_batch_indices(train_examples.lengths, args.batch_size, args.seed,
-                                      accelerator.process_index, accelerator.num_processes)
+                                      accelerator.process_index, accelerator.num_processes, mix)
     for _ in range(run.start_step * args.grad_accum):
-        next(run.batches)
+        next_micro_batch(run)
     return run
 
 
+def mix_description(run):
+    """{dataset: {weight, train_records, per_epoch}} of the run's sources (weights: their shares of the data
+    when the run gives none)."""
+    sizes = run.train_examples.sizes
+    return describe_mix([Path(path).stem for path in run.args.shards], sizes, run.args.weights or sizes)
+
+
 # ---------------------------------------------------------------- one optimizer step
+
+
+def next_micro_batch(run):
+    """(epoch, record indices) of this process's next micro-batch, counted to the sources it comes from."""
+    epoch, indices = next(run.batches)
+    run.contributed += np.bincount(run.source_of[indices], minlength=len(run.contributed))
+    return epoch, indices
 
 
 def make_batch(run, indices):
@@ -164,7 +190,7 @@ def train_step(run, step):
     """Forward and backward over one accumulation window, then the optimizer step.
     Returns (epoch, mean loss per trained token, trained tokens, tokens seen here, grad norm)."""
     accelerator, processes = run.accelerator, run.accelerator.num_processes
-    window = [next(run.batches) for _ in range(run.args.grad_accum)]
+    window = [next_micro_batch(run) for _ in range(run.args.grad_accum)]
     epoch = window[-1][0]
     window = [make_batch(run, indices) for _, indices in window]
     step_tokens = torch.tensor(sum(count_trained_tokens(b["labels"]) for b in window), device=run.device)
@@ -258,7 +284,7 @@ def peak_memory_mb(device):
 # ---------------------------------------------------------------- save
 
 
-def save(run, tokens_seen, stopped_at, stop, state=None):
+def save(run, tokens_seen, stopped_at, stop, contributed, state=None):
     """The adapter and tokenizer, the run summary; then the checkpoints are no longer needed.
     `state`: the weights to save instead of the model's own (the best ones, or a sharded model's, gathered)."""
     args, processes = run.args, run.accelerator.num_processes
@@ -281,6 +307,8 @@ def save(run, tokens_seen, stopped_at, stop, state=None):
         "session_tokens_per_s": tokens_seen * processes / session_time,
         "kept": args.keep, **{k: v for k, v in run.history["selection"].items() if k.startswith("best_")},
         "stopped_at_step": stopped_at, "stop_reason": stop or "max_steps",
+        "sources": {name: {**spec, "examples_trained": int(count)}
+                    for (name, spec), count in zip(mix_description(run).items(), contributed)},
     })
     if run.checkpoints:
         shutil.rmtree(run.checkpoints, ignore_errors=True)
@@ -356,8 +384,9 @@ def train(args):
         state = run.best_state
     else:
         state = saved_state(run.model, adapter_only=args.method != "full") if run.sharded else None
+    contributed = run.accelerator.reduce(torch.tensor(run.contributed, device=run.device), reduction="sum")
     if main:
-        save(run, tokens_seen, step, stop, state)
+        save(run, tokens_seen, step, stop, contributed.tolist(), state)
 
 
 def parse_args(argv=None):
@@ -371,11 +400,16 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=Path, default=None, help="samples.jsonl: answers to eval prompts over training")
     parser.add_argument("--tensorboard-dir", type=Path, default=None)
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="resumable checkpoints (not an output)")
+    parser.add_argument("--weights", type=float, nargs="+", default=None,
+                        help="one per shard: its dataset's share of each epoch's training examples (mixing.py); "
+                             "default: every example once per epoch")
     parser.add_argument("--run-name", default="run")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     add_settings(parser, "train")
     args = check_settings(parser.parse_args(argv), "train")
     problems = run_conflicts(vars(args))
+    if args.weights and (len(args.weights) != len(args.shards) or min(args.weights) <= 0):
+        problems.append(f"--weights needs one positive weight per shard ({len(args.shards)}), got {args.weights}")
     if problems:
         parser.error("; ".join(problems))
     return args

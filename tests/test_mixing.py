@@ -1,0 +1,102 @@
+"""Weighted dataset mixing: each weight is its dataset's share of every epoch's
+training examples (mixing.py); the summary counts what each one contributed."""
+import collections
+import json
+
+import numpy as np
+import pytest
+
+import train
+from batches import length_grouped_batches, micro_batch_indices
+from mixing import epoch_examples, epoch_shares, source_of_positions
+from workflow import copy_workflow, dry_run_jobs, snakemake
+
+QUICK_TRAIN = ["--r", "8", "--alpha", "16", "--learning-rate", "1e-2", "--batch-size", "8", "--log-every", "10",
+               "--eval-every", "0", "--precision", "fp32"]
+
+
+def test_each_epoch_holds_every_source_in_proportion_to_its_weight():
+    sizes = [900, 100]
+    shares = epoch_shares(sizes, [0.7, 0.3])
+    assert shares == [700, 300]
+    assert epoch_shares(sizes, [7, 3]) == shares, "weights are normalized"
+    assert sum(epoch_shares([333, 334, 335], [1, 1, 1])) == 1002, "rounding keeps the epoch's length"
+
+
+def test_a_short_source_repeats_whole_and_a_long_one_is_seen_whole_before_it_repeats():
+    sizes, shares = [900, 100], [700, 300]
+    source = source_of_positions(sizes)
+    long_drawn = []
+    for epoch in range(2):
+        positions = epoch_examples(sizes, shares, 0, epoch)
+        assert np.bincount(source[positions]).tolist() == shares
+        short = collections.Counter(positions[source[positions] == 1].tolist())
+        assert set(short.values()) == {3} and len(short) == 100, "each of the 100 examples three times"
+        long_drawn += positions[source[positions] == 0].tolist()
+    assert len(set(long_drawn[:700])) == 700, "no example of the long source twice in the first epoch"
+    assert sorted(long_drawn[:900]) == list(range(900)), "the 200 left out of epoch 0 open epoch 1"
+    assert epoch_examples(sizes, shares, 0, 1).tolist() != epoch_examples(sizes, shares, 1, 1).tolist()
+
+
+def test_mixed_batches_are_deterministic_for_the_seed_and_unweighted_ones_unchanged():
+    lengths = [(i * 37) % 90 + 5 for i in range(300)]
+    mix = ([200, 100], [0.2, 0.8])
+
+    def first(seed, n=60, mix=mix):
+        batches = micro_batch_indices(lengths, 4, seed, 0, 1, mix)
+        return [next(batches)[1] for _ in range(n)]
+    assert first(0) == first(0) and first(0) != first(1)
+    assert length_grouped_batches(lengths, 4, 5) == length_grouped_batches(lengths, 4, 5, pool=range(300))
+    drawn = np.bincount(source_of_positions([200, 100])[np.concatenate(first(0, n=75))])
+    assert drawn.tolist() == [60, 240], "one epoch (300 examples, 75 batches of 4) in the weights' shares"
+
+
+def test_training_reports_how_many_examples_each_dataset_contributed(tmp_path, tiny_model, shards):
+    """shards: 'words' and 'numbers', 179 and 177 training examples; weights 0.9 / 0.1."""
+    out = tmp_path / "run"
+    train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--weights", "0.9", "0.1",
+                "--output-dir", str(out / "trained"), "--metrics", str(out / "metrics.jsonl"),
+                "--summary", str(out / "summary.json"), "--max-steps", "45", *QUICK_TRAIN])
+    sources = json.loads((out / "summary.json").read_text())["sources"]
+    assert list(sources) == ["words", "numbers"]
+    words, numbers = sources["words"], sources["numbers"]
+    assert (words["weight"], numbers["weight"]) == (0.9, 0.1)
+    assert words["per_epoch"] + numbers["per_epoch"] == words["train_records"] + numbers["train_records"]
+    assert words["per_epoch"] == 320 and numbers["per_epoch"] == 36, "0.9 and 0.1 of the 356 training examples"
+    # 45 steps of 8 are one epoch: 44 full batches and one of 4.
+    assert (words["examples_trained"], numbers["examples_trained"]) == (320, 36)
+
+
+def test_training_refuses_weights_that_do_not_match_the_shards(tmp_path, tiny_model, shards):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--weights", "1",
+                          "--output-dir", str(tmp_path), "--metrics", "m", "--summary", "s"])
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return copy_workflow(tmp_path / "wf")
+
+
+def configure(workdir, runs):
+    with open(workdir / "config" / "config.yaml", "a") as f:
+        f.write(runs)
+
+
+def test_a_weighted_run_trains_on_its_datasets_with_their_weights(workdir):
+    configure(workdir, "  mixed:\n    datasets: {word_tasks: 0.7, number_tasks: 0.3}\n")
+    commands = [shell for rule, _, shell in dry_run_jobs(workdir, "results/runs/mixed/trained") if rule == "train"]
+    assert len(commands) == 1
+    assert "word_tasks.arrow" in commands[0] and "--weights 0.7 0.3" in commands[0]
+    listed = [shell for rule, _, shell in dry_run_jobs(workdir, "results/runs/lora-r16/trained") if rule == "train"]
+    assert "--weights" not in listed[0], "a list of datasets trains on every example once per epoch"
+
+
+@pytest.mark.parametrize("datasets, message", [
+    ("{word_tasks: 0}", "run 'mixed': datasets: the weight of 'word_tasks' must be a number > 0, got 0"),
+    ("{word_tasks: 1, poems: 1}", "unknown dataset 'poems'"),
+])
+def test_bad_weights_fail_before_any_job(workdir, datasets, message):
+    configure(workdir, f"  mixed:\n    datasets: {datasets}\n")
+    result = snakemake(workdir, "-n", check=False)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
