@@ -38,6 +38,7 @@ rule report_run:
         eval_json="results/runs/{run}/eval.json",
         generations="results/runs/{run}/generations.jsonl",
         samples="results/runs/{run}/samples.jsonl",
+        manifest="results/runs/{run}/manifest.json",
         script=script("report_run"),
         modules=imported_modules("report_run"),
     output:
@@ -64,7 +65,8 @@ rule report_run:
     shell:
         "python {input.script} --run-name {wildcards.run} --settings {params.settings}"
         " --metrics {input.metrics} --summary {input.summary} --eval-json {input.eval_json}"
-        " --generations {input.generations} --samples {input.samples} --plot {output.plot} --html {output.html}"
+        " --generations {input.generations} --samples {input.samples} --manifest {input.manifest}"
+        " --plot {output.plot} --html {output.html}"
         " > {log} 2>&1"
 
 

@@ -8,6 +8,7 @@ rule export:
         trained="results/runs/{run}/trained",
         summary="results/runs/{run}/train_summary.json",
         eval_json="results/runs/{run}/eval.json",
+        manifest="results/runs/{run}/manifest.json",
         stats=lambda wc: dataset_stats_files(wc.run),
         script=script("model_card"),
         modules=imported_modules("model_card"),
@@ -22,7 +23,7 @@ rule export:
     shell:
         "python {input.script} --kind {wildcards.published} --copy-from {input.trained} --folder {output}"
         " --run-name {wildcards.run} --summary {input.summary} --eval-json {input.eval_json}"
-        " --stats {input.stats} {params.card} > {log} 2>&1"
+        " --manifest {input.manifest} --stats {input.stats} {params.card} > {log} 2>&1"
 
 
 rule merge:
@@ -31,6 +32,7 @@ rule merge:
         model=lambda wc: base_model_files(RUNS[wc.run]["base_model"]),
         summary="results/runs/{run}/train_summary.json",
         eval_json="results/runs/{run}/eval.json",
+        manifest="results/runs/{run}/manifest.json",
         stats=lambda wc: dataset_stats_files(wc.run),
         script=script("merge"),
         modules=imported_modules("merge"),
@@ -51,7 +53,8 @@ rule merge:
         "(python {input.script} --base-model {params.base_model} --adapter-dir {input.trained}"
         " --output-dir {output} {params.settings} --threads {threads}"
         " && python {input.card_script} --kind merged --folder {output} --run-name {wildcards.run}"
-        " --summary {input.summary} --eval-json {input.eval_json} --stats {input.stats} {params.card}) > {log} 2>&1"
+        " --summary {input.summary} --eval-json {input.eval_json} --manifest {input.manifest} --stats {input.stats}"
+        " {params.card}) > {log} 2>&1"
 
 
 rule upload:

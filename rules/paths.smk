@@ -20,6 +20,10 @@ def project_path(path):
     return absolute if relative.startswith("..") else relative
 
 
+# Where the Snakefile is, for the manifest's git commit: relative when inside the project.
+WORKFLOW_DIR = project_path(os.path.dirname(workflow.main_snakefile))
+
+
 def built(model):
     return "build_tiny" in config["base_models"][model]
 

@@ -45,3 +45,27 @@ rule train:
         " --summary {output.summary} --samples {output.samples} --tensorboard-dir {output.tensorboard}"
         " --checkpoint-dir {params.checkpoints}"
         " {params.settings} --threads {threads} > {log} 2>&1"
+
+
+rule manifest:
+    input:
+        summary="results/runs/{run}/train_summary.json",
+        shards=lambda wc: shards(wc.run),
+        model=lambda wc: base_model_files(RUNS[wc.run]["base_model"]),
+        script=script("manifest"),
+        modules=imported_modules("manifest"),
+    output:
+        "results/runs/{run}/manifest.json",
+    params:
+        # In the config's order: the order of a run's datasets is the order of its shards.
+        settings=lambda wc: shlex.quote(json.dumps(RUNS[wc.run])),
+        base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
+        workflow_dir=WORKFLOW_DIR,
+    log:
+        "results/logs/manifest/{run}.log",
+    conda:
+        "../envs/finetune.yaml"
+    shell:
+        "python {input.script} --run-name {wildcards.run} --settings {params.settings} --summary {input.summary}"
+        " --shards {input.shards} --base-model {params.base_model:q} --workflow-dir {params.workflow_dir:q}"
+        " --output {output} > {log} 2>&1"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from manifest import summary_rows
 from outputs import atomic_path
 from settings import add_settings, check_settings, script_settings
 
@@ -71,7 +72,8 @@ def setting(value):
     return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def render(kind, run_name, base_model, settings, summary, evaluation, stats, license_id=None, repo_hint="."):
+def render(kind, run_name, base_model, settings, summary, evaluation, stats, license_id=None, repo_hint=".",
+           manifest=None):
     datasets = [Path(s["file"]).stem for s in stats]
     front = yaml.safe_dump(metadata(kind, base_model, settings, datasets, license_id), sort_keys=False).strip()
     what = DESCRIPTIONS[kind].format(method=settings.get("method", "lora"))
@@ -98,7 +100,18 @@ def render(kind, run_name, base_model, settings, summary, evaluation, stats, lic
     lines += ["## Data\n", "| dataset | records | rejected | duplicates |", "|---|---|---|---|"]
     lines += [f"| {Path(s['file']).name} | {s['records']} | {s['rejected']} | {s['duplicates']} |" for s in stats]
     lines += ["", "## Usage\n", "```python", usage(kind, base_model, repo_hint, summary), "```", ""]
+    if manifest:
+        lines += ["## Reproducibility\n", "`manifest.json` beside this card has the full record: the resolved settings "
+                  "(paste them under `runs:` to train this run again), library versions, device and content hashes.\n",
+                  "| what | value |", "|---|---|"]
+        lines += [f"| {what} | {value} |" for what, value in summary_rows(manifest)] + [""]
     return "\n".join(lines)
+
+
+def write_card(folder, card, manifest=None):
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    if manifest:
+        shutil.copyfile(manifest, folder / "manifest.json")
 
 
 def parse_args(argv=None):
@@ -112,6 +125,7 @@ def parse_args(argv=None):
     parser.add_argument("--summary", type=Path, required=True)
     parser.add_argument("--eval-json", type=Path, required=True)
     parser.add_argument("--stats", type=Path, nargs="+", required=True)
+    parser.add_argument("--manifest", type=Path, default=None, help="manifest.json of the run: shown, and copied beside the card")
     parser.add_argument("--repo-id", default=None, help="where it will be published (for the usage snippet)")
     add_settings(parser, "model_card")
     return check_settings(parser.parse_args(argv), "model_card")
@@ -121,13 +135,14 @@ def main(argv=None):
     args = parse_args(argv)
     card = render(args.kind, args.run_name, args.base_model, args.settings, json.loads(args.summary.read_text()),
                   json.loads(args.eval_json.read_text()), [json.loads(p.read_text()) for p in args.stats],
-                  args.license, args.repo_id or str(args.folder))
+                  args.license, args.repo_id or str(args.folder),
+                  json.loads(args.manifest.read_text()) if args.manifest else None)
     if args.copy_from:
         with atomic_path(args.folder) as partial:
             shutil.copytree(args.copy_from, partial)
-            (partial / "README.md").write_text(card, encoding="utf-8")
+            write_card(partial, card, args.manifest)
     else:
-        (args.folder / "README.md").write_text(card, encoding="utf-8")
+        write_card(args.folder, card, args.manifest)
     print(f"model card written to {args.folder / 'README.md'}")
 
 

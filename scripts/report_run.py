@@ -17,6 +17,7 @@ from pathlib import Path
 
 import matplotlib
 
+from manifest import summary_rows
 from metrics import is_exact_match
 
 matplotlib.use("Agg")
@@ -116,7 +117,22 @@ def samples_table(samples):
     return table(headers, rows)
 
 
-def render_html(run_name, settings, summary, evaluation, generations, samples, plot_png):
+def sources_table(sources):
+    """The datasets the run trained on: weight, records, examples per epoch, examples trained."""
+    rows = [[name, spec["weight"], spec["train_records"], spec["per_epoch"], spec["examples_trained"]]
+            for name, spec in sources.items()]
+    return table(["dataset", "weight", "training records", "examples per epoch", "examples trained"], rows)
+
+
+def manifest_section(manifest):
+    if not manifest:
+        return ""
+    return (table(["manifest", "value"], summary_rows(manifest))
+            + "<details><summary>manifest.json (the resolved settings under <code>settings</code>)</summary>"
+            + f"<pre>{html.escape(json.dumps(manifest, indent=1))}</pre></details>")
+
+
+def render_html(run_name, settings, summary, evaluation, generations, samples, plot_png, manifest=None):
     base, tuned = evaluation["base"], evaluation["tuned"]
     eval_rows = [[metric, base.get(metric), tuned.get(metric)]
                  for metric in ("loss", "perplexity", "exact_match", "rouge_l", "bleu", "chrf")]
@@ -138,7 +154,9 @@ def render_html(run_name, settings, summary, evaluation, generations, samples, p
         "<h2>Loss curve</h2>", f"<img alt='loss curve' src='data:image/png;base64,{image}'>",
         "<h2>Answers over training</h2>", samples_table(samples),
         "<h2>Training</h2>", table(["setting", "value"], sorted(settings.items())),
-        table(["summary", "value"], sorted(summary.items())),
+        table(["summary", "value"], sorted((k, v) for k, v in summary.items() if not isinstance(v, dict))),
+        "<h2>Data</h2>", sources_table(summary.get("sources", {})),
+        "<h2>Reproducibility</h2>", manifest_section(manifest),
         f"<h2>Held-out generations</h2><details><summary>{len(heldout)} held-out records</summary>",
         table(["task", "prompt", "reference", "base", "tuned"],
               [[g.get("task"), g["prompt"], g["reference"], Mark(g["base"], g["reference"]),
@@ -157,6 +175,7 @@ def main():
     parser.add_argument("--eval-json", type=Path, required=True)
     parser.add_argument("--generations", type=Path, required=True)
     parser.add_argument("--samples", type=Path, default=None, help="samples.jsonl: answers over training")
+    parser.add_argument("--manifest", type=Path, default=None, help="manifest.json of the run")
     parser.add_argument("--plot", type=Path, required=True)
     parser.add_argument("--html", type=Path, required=True)
     args = parser.parse_args()
@@ -164,7 +183,8 @@ def main():
     plot_loss(read_jsonl(args.metrics), args.plot, f"run {args.run_name}", summary)
     page = render_html(args.run_name, args.settings, summary,
                        json.loads(args.eval_json.read_text()), read_jsonl(args.generations),
-                       read_jsonl(args.samples) if args.samples else [], args.plot.read_bytes())
+                       read_jsonl(args.samples) if args.samples else [], args.plot.read_bytes(),
+                       json.loads(args.manifest.read_text()) if args.manifest else None)
     args.html.write_text(page, encoding="utf-8")
     print(f"report written to {args.html}")
 

@@ -44,15 +44,16 @@ from transformers import get_scheduler
 from adapters import load_model, peft_config
 from batches import mean_token_loss, micro_batch_indices, pack_batch, pad_batch, real_tokens
 from checkpoints import fingerprint, load_checkpoint, save_checkpoint, trainable_state
-from mixing import describe_mix, source_of_positions
-from generation import encode_prompt, generate, prompt_records, reference_answer
 from distributed import saved_state, shard_model
+from environment import device_description, library_versions
+from generation import encode_prompt, generate, prompt_records, reference_answer
+from mixing import describe_mix, source_of_positions
 from models import resolve_precision
-from preflight import check_architecture, hardware_problems, quantization_of
 from outputs import save_pretrained_atomically, write_json
+from preflight import check_architecture, hardware_problems, quantization_of
 from prompts import ADDED_PAD, count_trained_tokens, load_tokenizer, resolve_template, stop_token_ids
-from settings import add_settings, check_settings, run_conflicts
 from selection import load_best_weights, new_record, note_evaluation, save_best_weights, stop_reason
+from settings import add_settings, check_settings, run_conflicts
 from shards import read_shards
 from training_log import TrainingLog
 
@@ -307,6 +308,7 @@ def save(run, tokens_seen, stopped_at, stop, contributed, state=None):
         "session_tokens_per_s": tokens_seen * processes / session_time,
         "kept": args.keep, **{k: v for k, v in run.history["selection"].items() if k.startswith("best_")},
         "stopped_at_step": stopped_at, "stop_reason": stop or "max_steps",
+        "environment": {"libraries": library_versions(), "device": device_description(run.device, processes)},
         "sources": {name: {**spec, "examples_trained": int(count)}
                     for (name, spec), count in zip(mix_description(run).items(), contributed)},
     })

@@ -12,6 +12,7 @@ from workflow import copy_project, copy_workflow, per_run_jobs, planned_jobs, sn
 
 pytestmark = pytest.mark.slow
 
+TRAINING = ("train", "manifest")
 DOWNSTREAM_OF_TRAINING = ("evaluate", "export", "merge", "report_run")
 PRETRAINING = "pretrain[model=tiny-llama]"
 
@@ -45,7 +46,7 @@ def test_a_data_edit_after_the_copy_reruns_what_it_would_in_place(project):
     tokenize = [j for j in jobs if j.startswith("tokenize[")]
     assert len(tokenize) == 1 and "dataset=word_tasks" in tokenize[0]
     assert jobs == sorted(["all", "validate[dataset=word_tasks]", "dataset_stats[dataset=word_tasks]", *tokenize,
-                           *per_run(project, ("train",) + DOWNSTREAM_OF_TRAINING), "report_sweep"])
+                           *per_run(project, TRAINING + DOWNSTREAM_OF_TRAINING), "report_sweep"])
 
 
 def test_editing_evaluation_only_code_reruns_evaluation_not_training(project):
@@ -56,7 +57,7 @@ def test_editing_evaluation_only_code_reruns_evaluation_not_training(project):
 def test_editing_code_that_training_imports_retrains(project):
     append(project / "scripts/checkpoints.py", "\n# an edit to checkpointing\n")
     assert planned_jobs(project) == sorted(
-        ["all", "report_sweep", PRETRAINING, *per_run(project, ("train",) + DOWNSTREAM_OF_TRAINING)]), \
+        ["all", "report_sweep", PRETRAINING, *per_run(project, TRAINING + DOWNSTREAM_OF_TRAINING)]), \
         "pretraining runs the training script too"
 
 
@@ -75,7 +76,7 @@ def test_schema_help_edits_rerun_nothing_and_default_edits_rerun_their_stage(pro
     schema["$defs"]["run"]["properties"]["weight_decay"]["default"] = 0.01
     schema_path.write_text(yaml.safe_dump(schema, sort_keys=False))
     assert planned_jobs(project) == sorted(
-        ["all", "report_sweep", PRETRAINING, *per_run(project, ("train",) + DOWNSTREAM_OF_TRAINING)])
+        ["all", "report_sweep", PRETRAINING, *per_run(project, TRAINING + DOWNSTREAM_OF_TRAINING)])
 
 
 LOCAL_MODEL_CONFIG = """
@@ -116,7 +117,7 @@ def test_replacing_a_local_base_models_weights_reruns_what_used_them(local_model
     save_file(tensors, weights, metadata={"format": "pt"})
     assert planned_jobs(project) == sorted(["all", "report_sweep", "train[run=r4]", "evaluate[run=r4]",
                                             "export[run=r4, published=adapter]", "merge[run=r4]",
-                                            "report_run[run=r4]"])
+                                            "report_run[run=r4]", "manifest[run=r4]"])
 
 
 def test_editing_a_local_base_models_tokenizer_retokenizes(local_model_project, tmp_path):
@@ -128,3 +129,33 @@ def test_editing_a_local_base_models_tokenizer_retokenizes(local_model_project, 
     jobs = planned_jobs(project)
     assert [j for j in jobs if j.startswith("tokenize[")] and "train[run=r4]" in jobs
     assert "validate[dataset=word_tasks]" not in jobs
+
+
+def sha256(path):
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_run_trained_again_from_its_manifest_gives_the_identical_adapter(local_model_project, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    project = copy_project(local_model_project, tmp_path / "copy")
+    manifest = json.loads((project / "results/runs/r4/manifest.json").read_text())
+    assert manifest["seed"] == 0 and manifest["libraries"]["torch"] == torch.__version__
+    assert manifest["device"]["type"] == "cpu" and manifest["workflow"] is None, "a copied workflow is no git checkout"
+    assert manifest["base_model"]["files_sha256"]["config.json"] == sha256(project / "models/tiny/config.json")
+    shard = manifest["shards"]["word_tasks"]
+    assert shard["sha256"] == sha256(project / shard["file"])
+    assert shard["sha256"][:16] in (project / "results/runs/r4/report.html").read_text()
+    assert "## Reproducibility" in (project / "results/runs/r4/adapter/README.md").read_text()
+    assert json.loads((project / "results/runs/r4/adapter/manifest.json").read_text()) == manifest
+
+    config = yaml.safe_load((project / "config/config.yaml").read_text())
+    config["runs"]["replay"] = manifest["settings"]
+    (project / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert planned_jobs(project, "results/runs/replay/trained") == ["train[run=replay]"], "same shards, same model"
+    snakemake(project, "--cores", "2", "results/runs/replay/trained")
+    original = load_file(project / "results/runs/r4/trained/adapter_model.safetensors")
+    again = load_file(project / "results/runs/replay/trained/adapter_model.safetensors")
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[name], again[name]) for name in original)

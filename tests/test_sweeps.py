@@ -79,7 +79,7 @@ def test_changing_one_grid_value_plans_only_the_runs_it_touches(workdir):
     assert after["g-r4"] == before["g-r4"], "the run the edit does not touch keeps its exact command"
     assert planned_jobs(workdir, *args) == sorted([
         "all", "report_sweep", "train[run=g-r16]", "evaluate[run=g-r16]", "export[run=g-r16, published=adapter]",
-        "merge[run=g-r16]", "report_run[run=g-r16]"])
+        "merge[run=g-r16]", "report_run[run=g-r16]", "manifest[run=g-r16]"])
 
 
 def without_runs(config_text):

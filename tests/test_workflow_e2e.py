@@ -13,7 +13,7 @@ from workflow import QUICK_CONFIG, per_run_jobs, planned_jobs, run_settings, sna
 
 pytestmark = pytest.mark.slow
 
-PER_RUN = ("train", "evaluate", "export", "merge", "report_run")
+PER_RUN = ("train", "manifest", "evaluate", "export", "merge", "report_run")
 
 
 def evaluation(workdir, run):
@@ -146,7 +146,7 @@ def test_incremental_reruns(finished):
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     assert planned_jobs(finished) == sorted(["all", "report_sweep", "train[run=lora-r16]", "evaluate[run=lora-r16]",
                                              "export[run=lora-r16, published=adapter]", "merge[run=lora-r16]",
-                                             "report_run[run=lora-r16]"])
+                                             "report_run[run=lora-r16]", "manifest[run=lora-r16]"])
     config_path.write_text(config_text)
 
 

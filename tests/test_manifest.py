@@ -1,0 +1,52 @@
+"""The run manifest's parts that need no training: the workflow's git commit,
+the base model's hashes, a Hub model that is not in the cache (offline)."""
+import json
+import subprocess
+
+from manifest import build_manifest, describe_base_model, git_commit, safetensors_header_sha256, summary_rows
+
+
+def git(folder, *args):
+    return subprocess.run(["git", "-C", str(folder), "-c", "user.email=t@t", "-c", "user.name=t", *args],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_the_commit_of_a_git_checkout_and_whether_it_has_edits(tmp_path):
+    assert git_commit(tmp_path) is None
+    git(tmp_path, "init", "-q")
+    (tmp_path / "Snakefile").write_text("# rules\n")
+    git(tmp_path, "add", "Snakefile")
+    git(tmp_path, "commit", "-qm", "first")
+    assert git_commit(tmp_path) == {"commit": git(tmp_path, "rev-parse", "HEAD"), "dirty": False}
+    (tmp_path / "results.txt").write_text("untracked outputs are no edit\n")
+    assert git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "Snakefile").write_text("# rules, edited\n")
+    assert git_commit(tmp_path)["dirty"] is True
+
+
+def test_the_base_model_is_described_by_hashes_of_its_files_and_weights_headers(tiny_model):
+    description = describe_base_model(str(tiny_model))
+    assert set(description["files_sha256"]) >= {"config.json", "tokenizer.json"}
+    weights = description["weights"]["model.safetensors"]
+    assert weights["bytes"] == (tiny_model / "model.safetensors").stat().st_size
+    assert weights["header_sha256"] == safetensors_header_sha256(tiny_model / "model.safetensors")
+
+
+def test_a_hub_model_not_in_the_cache_is_named_without_any_download(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert describe_base_model("meta-llama/Llama-3.2-1B") == {"name_or_path": "meta-llama/Llama-3.2-1B",
+                                                              "resolved": False}
+
+
+def test_the_manifest_carries_what_training_recorded(tmp_path, tiny_model, shards):
+    summary = {"environment": {"libraries": {"torch": "2.x"}, "device": {"type": "cuda", "name": "NVIDIA H100",
+                                                                         "count": 2, "processes": 2}},
+               "steps": 10}
+    settings = {"seed": 3, "r": 8, "datasets": {"words": 0.7, "numbers": 0.3}}
+    manifest = build_manifest("r8", settings, summary, shards, str(tiny_model), tmp_path)
+    assert manifest["seed"] == 3 and manifest["settings"] == settings
+    assert list(manifest["settings"]["datasets"]) == ["words", "numbers"], "the order of the shards is kept"
+    assert manifest["libraries"]["torch"] == "2.x" and manifest["libraries"]["snakemake"]
+    assert list(manifest["shards"]) == ["words", "numbers"]
+    rows = dict(summary_rows(json.loads(json.dumps(manifest))))
+    assert rows["device"] == "2 x NVIDIA H100, 2 process(es)" and rows["workflow commit"] == "not a git checkout"
