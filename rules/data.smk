@@ -1,10 +1,12 @@
 # Data: record validation, tokenization into Arrow shards shared by every run
 # of the same tokenization, and per-dataset stats.
 
+include: "sources.smk"
+
 
 rule validate:
     input:
-        data=lambda wc: config["datasets"][wc.dataset]["path"],
+        data=lambda wc: dataset_files(wc.dataset),
         schemas=record_schemas(),
         script=script("validate_data"),
         modules=imported_modules("validate_data"),
@@ -13,6 +15,7 @@ rule validate:
         rejected="results/data/{dataset}.rejected.jsonl",
         stats="results/data/{dataset}.validation.json",
     params:
+        source=lambda wc: config["datasets"][wc.dataset]["path"],
         settings=lambda wc: script_flags("validate_data", dataset=wc.dataset),
         schema_dir=lambda wc, input: os.path.dirname(input.schemas[0]),
     log:
@@ -20,7 +23,7 @@ rule validate:
     conda:
         "../envs/finetune.yaml"
     shell:
-        "python {input.script} --input {input.data} --output {output.records} --rejected {output.rejected}"
+        "python {input.script} --input {params.source:q} --output {output.records} --rejected {output.rejected}"
         " --stats {output.stats} --schema-dir {params.schema_dir} {params.settings} 2>&1 | tee {log}"
 
 
