@@ -72,4 +72,5 @@ rule pretrain:
         " --run-name pretrain-{wildcards.model}"
         " --base-model {input.model} --shards {input.shard} --output-dir {output.model} --metrics {output.metrics}"
         " --summary {output.summary} --samples {output.samples} --tensorboard-dir {output.tensorboard}"
+        " --tracker-dir results/trackers"
         " --checkpoint-dir {params.checkpoints} {params.settings} --threads {threads} > {log} 2>&1"

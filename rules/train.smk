@@ -43,6 +43,7 @@ rule train:
         " {params.launcher} {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
         " --shards {input.shards} {params.weights} --output-dir {output.trained} --metrics {output.metrics}"
         " --summary {output.summary} --samples {output.samples} --tensorboard-dir {output.tensorboard}"
+        " --tracker-dir results/trackers"
         " --checkpoint-dir {params.checkpoints}"
         " {params.settings} --threads {threads} > {log} 2>&1"
 

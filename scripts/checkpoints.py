@@ -18,7 +18,7 @@ from settings import script_settings
 
 # Training settings that do not change what is learned: a checkpoint written under other values still resumes.
 NOT_LEARNED = {"checkpoint_every", "log_every", "eval_every", "sample_every", "prompts", "template", "max_new_tokens",
-               "early_stopping"}
+               "early_stopping", "trackers", "tracker_project"}
 
 
 def fingerprint(args):

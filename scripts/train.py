@@ -55,7 +55,7 @@ from prompts import ADDED_PAD, count_trained_tokens, load_tokenizer, resolve_tem
 from selection import load_best_weights, new_record, note_evaluation, save_best_weights, stop_reason
 from settings import add_settings, check_settings, run_conflicts
 from shards import read_shards
-from training_log import TrainingLog
+from training_log import TrainingLog, missing_trackers, start_trackers
 
 # ---------------------------------------------------------------- setup
 
@@ -337,9 +337,14 @@ def select(run, step, eval_loss):
 
 
 def train(args):
+    missing = missing_trackers(args.trackers)
+    if missing:
+        sys.exit(f"[{args.run_name}] " + "; ".join(missing) + " (or leave it out of the run's trackers)")
     run = setup(args)
     main = run.accelerator.is_main_process
-    log = TrainingLog(args.metrics, args.samples, args.tensorboard_dir, enabled=main)
+    trackers = start_trackers(args.trackers, args.run_name, args.tracker_project, args.tensorboard_dir,
+                              args.tracker_dir, vars(args)) if main else []
+    log = TrainingLog(args.metrics, args.samples, trackers, enabled=main)
     for row in run.history["metrics"]:
         log.record(row)
     for step in sorted({row["step"] for row in run.history["samples"]}):
@@ -400,7 +405,9 @@ def parse_args(argv=None):
     parser.add_argument("--metrics", type=Path, required=True, help="metrics.jsonl, one line per logging step")
     parser.add_argument("--summary", type=Path, required=True, help="train_summary.json")
     parser.add_argument("--samples", type=Path, default=None, help="samples.jsonl: answers to eval prompts over training")
-    parser.add_argument("--tensorboard-dir", type=Path, default=None)
+    parser.add_argument("--tensorboard-dir", type=Path, default=None, help="TensorBoard events (tracker tensorboard)")
+    parser.add_argument("--tracker-dir", type=Path, default=None,
+                        help="the local MLflow file store and W&B offline runs go under it (training_log.py)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="resumable checkpoints (not an output)")
     parser.add_argument("--weights", type=float, nargs="+", default=None,
                         help="one per shard: its dataset's share of each epoch's training examples (mixing.py); "

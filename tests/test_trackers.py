@@ -1,0 +1,56 @@
+"""Experiment trackers through accelerate: TensorBoard by default, MLflow with a
+local file store, W&B offline; a tracker that is not installed stops the run
+before it loads the model, with the pip command."""
+import json
+
+import pytest
+
+import train
+import training_log
+
+QUICK = ["--r", "8", "--alpha", "16", "--learning-rate", "1e-2", "--max-steps", "12", "--log-every", "4",
+         "--eval-every", "8", "--precision", "fp32"]
+
+
+def run_train(tmp_path, tiny_model, shards, *extra):
+    out = tmp_path / "run"
+    train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--output-dir", str(out / "trained"),
+                "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
+                "--run-name", "tracked", *QUICK, *extra])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mlflow_file_store_holds_the_losses_of_metrics_jsonl(tmp_path, tiny_model, shards, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows = run_train(tmp_path, tiny_model, shards, "--trackers", "mlflow", "--tracker-project", "sweep-a",
+                     "--tracker-dir", str(tmp_path / "trackers"), "--tensorboard-dir", str(tmp_path / "tb"))
+    client = MlflowClient(tracking_uri=(tmp_path / "trackers" / "mlflow").resolve().as_uri())
+    experiment = client.get_experiment_by_name("sweep-a")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert run.data.params["r"] == "8" and run.data.params["learning_rate"] == "0.01"
+    logged = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert logged == [(row["step"], pytest.approx(row["loss"], rel=1e-6)) for row in rows]
+    evals = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/loss")]
+    assert evals == [(row["step"], pytest.approx(row["eval_loss"], rel=1e-6)) for row in rows if "eval_loss" in row]
+    assert (tmp_path / "tb").is_dir() and not any((tmp_path / "tb").iterdir()), "tensorboard was not asked for"
+
+
+def test_a_tracker_that_is_not_installed_stops_before_training_with_the_pip_command(tmp_path, tiny_model, shards,
+                                                                                     monkeypatch):
+    real_find_spec = training_log.importlib.util.find_spec
+    monkeypatch.setattr(training_log.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    loaded = []
+    monkeypatch.setattr(train, "setup", lambda args: loaded.append(args))
+    with pytest.raises(SystemExit) as stop:
+        run_train(tmp_path, tiny_model, shards, "--trackers", "tensorboard", "wandb")
+    assert "tracker 'wandb' is not installed: pip install wandb" in str(stop.value)
+    assert loaded == [] and not (tmp_path / "run").exists()
+
+
+def test_unknown_trackers_are_refused_by_the_settings(tmp_path, tiny_model, shards):
+    with pytest.raises(SystemExit):
+        run_train(tmp_path, tiny_model, shards, "--trackers", "neptune")
