@@ -116,7 +116,7 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer", required=True, help="local path or Hub id of the base model")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--stats", type=Path, required=True)
-    parser.add_argument("--source", type=Path, default=None, help="the dataset's original file, named in errors")
+    parser.add_argument("--source", default=None, help="the dataset's source (a file, a folder or hf://datasets/...), named in errors")
     add_settings(parser, "tokenize_data")
     return check_settings(parser.parse_args(argv), "tokenize_data")
 
