@@ -103,16 +103,17 @@ def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, 
     assert cpu_only and not any("gres:gpu" in cluster.scontrol_job(slurm_id) for slurm_id in cpu_only), \
         "jobs that use no GPU ask for none"
 
-    data = workdir / "data/word_tasks.jsonl"
-    data.write_text(data.read_text() + json.dumps({"instruction": "What is the first word?", "input": "List: kiwi lime",
-                                                   "output": "The first word is kiwi."}) + "\n")
+    # An edit to code only evaluation imports (data edits are covered by dry runs elsewhere; every SLURM job
+    # costs seconds of polling here): evaluation and what follows it are resubmitted, training is not.
+    metrics = workdir / "scripts/metrics.py"
+    metrics.write_text(metrics.read_text() + "\n# an edit to the task metrics\n")
     stale = snakemake(workdir, "-n", *args, env=cluster.env).stdout
     stale_jobs = len(re.findall(r"^rule (?!all:)\w+:$", stale, flags=re.M))
     second = snakemake(workdir, *args, env=cluster.env, timeout=900)
     resubmitted = submissions(second.stdout + second.stderr)
     assert len(resubmitted) == stale_jobs < expected_jobs
-    assert "rule validate" in second.stdout + second.stderr
-    assert "rule build_tiny_model" not in second.stdout
+    assert "rule evaluate:" in second.stdout + second.stderr
+    assert "rule train:" not in second.stdout + second.stderr and "rule build_tiny_model:" not in second.stdout
 
 
 TWO_NODE_CONFIG = """
