@@ -1,5 +1,6 @@
 """The run manifest's parts that need no training: the workflow's git commit,
 the base model's hashes, a Hub model that is not in the cache (offline)."""
+import hashlib
 import json
 import subprocess
 
@@ -32,10 +33,20 @@ def test_the_base_model_is_described_by_hashes_of_its_files_and_weights_headers(
     assert weights["header_sha256"] == safetensors_header_sha256(tiny_model / "model.safetensors")
 
 
-def test_a_hub_model_not_in_the_cache_is_named_without_any_download(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+def test_a_hub_model_is_described_from_the_local_cache_with_its_revision(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     assert describe_base_model("meta-llama/Llama-3.2-1B") == {"name_or_path": "meta-llama/Llama-3.2-1B",
-                                                              "resolved": False}
+                                                              "resolved": False}, "not cached: named, not fetched"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text(commit)
+    description = describe_base_model("org/tiny")
+    assert description["hub_revision"] == commit
+    assert description["files_sha256"]["config.json"] == hashlib.sha256(b'{"model_type": "llama"}').hexdigest()
 
 
 def test_the_manifest_carries_what_training_recorded(tmp_path, tiny_model, shards):
