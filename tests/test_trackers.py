@@ -54,3 +54,14 @@ def test_a_tracker_that_is_not_installed_stops_before_training_with_the_pip_comm
 def test_unknown_trackers_are_refused_by_the_settings(tmp_path, tiny_model, shards):
     with pytest.raises(SystemExit):
         run_train(tmp_path, tiny_model, shards, "--trackers", "neptune")
+
+
+def test_wandb_runs_offline_into_the_tracker_folder(tmp_path, tiny_model, shards, monkeypatch, capfd):
+    """Where wandb is installed (CI does not install it: this test then skips)."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    rows = run_train(tmp_path, tiny_model, shards, "--trackers", "wandb", "--tracker-dir", str(tmp_path / "trackers"))
+    [offline_run] = (tmp_path / "trackers" / "wandb").glob("offline-run-*")
+    assert list(offline_run.glob("run-*.wandb"))[0].stat().st_size > 0
+    printed = capfd.readouterr()
+    assert f"train/loss {rows[-1]['loss']:.5g}" in " ".join((printed.out + printed.err).split())
