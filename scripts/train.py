@@ -46,16 +46,16 @@ from batches import mean_token_loss, micro_batch_indices, pack_batch, pad_batch,
 from checkpoints import fingerprint, load_checkpoint, save_checkpoint, trainable_state
 from distributed import saved_state, shard_model
 from environment import device_description, library_versions
-from generation import encode_prompt, generate, prompt_records, reference_answer
 from mixing import describe_mix, source_of_positions
 from models import resolve_precision
 from outputs import save_pretrained_atomically, write_json
 from preflight import check_architecture, hardware_problems, quantization_of
-from prompts import ADDED_PAD, count_trained_tokens, load_tokenizer, resolve_template, stop_token_ids
+from prompts import ADDED_PAD, count_trained_tokens, load_tokenizer
 from selection import load_best_weights, new_record, note_evaluation, save_best_weights, stop_reason
 from settings import add_settings, check_settings, run_conflicts
 from shards import read_shards
 from training_log import TrainingLog, missing_trackers, start_trackers
+from training_samples import answers_at, prepare_samples
 
 # ---------------------------------------------------------------- setup
 
@@ -138,16 +138,19 @@ def setup(args):
         start_step=0, elapsed_before=0.0, history={"metrics": [], "samples": [], "selection": new_record()},
         best_state=None, source_of=source_of_positions(train_examples.sizes),
         contributed=np.zeros(len(args.shards), dtype=np.int64),
-        sample_prompts=sample_prompts(args, tokenizer), stop_ids=sample_stop_ids(args, tokenizer),
+        samples=prepare_samples(args.prompts if args.sample_every else None, args.template, tokenizer),
         checkpoints=Path(args.checkpoint_dir) if args.checkpoint_dir else None, fingerprint=None)
     say(run, f"{args.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
              f"{len(train_examples)} train / {len(eval_examples)} eval records; {total_steps} steps "
              f"({steps_per_epoch} per epoch); {precision}, {model.config._attn_implementation} attention, "
              f"{'packed' if packing else 'length-grouped'} batches, {accelerator.num_processes} process(es)"
              f"{', FSDP' if sharded else ''}")
+    # Without weights each dataset's share is its share of the data.
+    run.mix = describe_mix([Path(path).stem for path in args.shards], train_examples.sizes,
+                           args.weights or train_examples.sizes)
     if args.weights:
         say(run, "mix per epoch: " + ", ".join(f"{name} {spec['per_epoch']} of {spec['train_records']}"
-                                               for name, spec in mix_description(run).items()))
+                                               for name, spec in run.mix.items()))
     if run.checkpoints:
         run.fingerprint = fingerprint(args)
         run.start_step, history, run.elapsed_before = load_checkpoint(run.checkpoints, run, lambda m: say(run, m))
@@ -163,13 +166,6 @@ def setup(args):
     for _ in range(run.start_step * args.grad_accum):
         next_micro_batch(run)
     return run
-
-
-def mix_description(run):
-    """{dataset: {weight, train_records, per_epoch}} of the run's sources (weights: their shares of the data
-    when the run gives none)."""
-    sizes = run.train_examples.sizes
-    return describe_mix([Path(path).stem for path in run.args.shards], sizes, run.args.weights or sizes)
 
 
 # ---------------------------------------------------------------- one optimizer step
@@ -231,30 +227,7 @@ def clip_gradients(run):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-# ---------------------------------------------------------------- logging and samples
-
-
-def sample_prompts(args, tokenizer):
-    """[(record, prompt ids)] of the eval prompts to answer every sample_every steps."""
-    if not (args.sample_every and args.prompts):
-        return []
-    template = resolve_template(tokenizer, args.template)
-    return [(record, encode_prompt(record, tokenizer, template)[0]) for record in prompt_records(args.prompts)]
-
-
-def sample_stop_ids(args, tokenizer):
-    return stop_token_ids(tokenizer, resolve_template(tokenizer, args.template)) if args.sample_every else []
-
-
-def samples_at(run, step):
-    """The tuned model's greedy answers to the sample prompts at this step."""
-    run.model.eval()
-    answers = generate(run.unwrapped, run.tokenizer, [ids for _, ids in run.sample_prompts],
-                       max_new_tokens=run.args.max_new_tokens, batch_size=len(run.sample_prompts), temperature=0.0,
-                       top_p=1.0, seed=run.args.seed, stop_ids=run.stop_ids, synced_processes=run.sharded)
-    run.model.train()
-    return [{"step": step, "prompt": run.tokenizer.decode(ids), "reference": reference_answer(record), "answer": answer}
-            for (record, ids), answer in zip(run.sample_prompts, answers)]
+# ---------------------------------------------------------------- logging
 
 
 def say(run, message):
@@ -310,7 +283,7 @@ def save(run, tokens_seen, stopped_at, stop, contributed, state=None):
         "stopped_at_step": stopped_at, "stop_reason": stop or "max_steps",
         "environment": {"libraries": library_versions(), "device": device_description(run.device, processes)},
         "sources": {name: {**spec, "examples_trained": int(count)}
-                    for (name, spec), count in zip(mix_description(run).items(), contributed)},
+                    for (name, spec), count in zip(run.mix.items(), contributed)},
     })
     if run.checkpoints:
         shutil.rmtree(run.checkpoints, ignore_errors=True)
@@ -374,9 +347,12 @@ def train(args):
             if stop:
                 say(run, f"{stop}: stopping at step {step} of {run.total_steps}")
                 break
-        if run.sample_prompts and (step % args.sample_every == 0 or step == run.total_steps):
+        if run.samples[0] and (step % args.sample_every == 0 or step == run.total_steps):
             if main or run.sharded:  # a sharded model generates on every process together
-                rows = samples_at(run, step)
+                run.model.eval()
+                rows = answers_at(run.unwrapped, run.tokenizer, *run.samples, step, args.max_new_tokens, args.seed,
+                                  synced_processes=run.sharded)
+                run.model.train()
                 if main:
                     run.history["samples"] += rows
                     log.record_samples(rows)
