@@ -7,12 +7,12 @@ examples), so the same data mixed with other weights trains the same number of
 steps per epoch. The weights are normalized to sum to 1; source i then gives
 round(w_i * N) examples (largest remainders, so the counts sum to N):
 
-- no more than it holds: the next that many of a shuffled pass over the source
-  (downsampling; the whole source is seen before any example repeats, though an
-  epoch that spans the end of one pass and the start of the next can hold an
-  example twice);
-- more than it holds: every example as many whole times as fit, and the rest from
-  the next shuffled pass (upsampling: repetition, never a made-up example).
+- no more than it holds: the next that many of an endless run of shuffled passes
+  over the source (downsampling: no epoch holds an example twice, and the whole
+  source is seen before any example repeats);
+- more than it holds: every example as many whole times as fit, and the rest the
+  same way (upsampling: each example whole or whole + 1 times per epoch, the extra
+  copies rotating over the epochs; repetition, never a made-up example).
 
 Without weights (a list of datasets) every example is in every epoch once.
 The sampling is deterministic for the seed and the epoch.
@@ -30,17 +30,50 @@ def epoch_shares(sizes, weights):
     return shares.tolist()
 
 
+# Per source, the last pass whose order was worked out: epochs ask for their passes in order.
+LAST_PASS = {}
+
+
+def pass_order(size, share, seed, source, number):
+    """The order of pass `number` over a source of `size` examples that gives `share` to each epoch."""
+    key = (size, share, seed, source)
+    known, order = LAST_PASS.get(key, (-1, None))
+    if known > number:
+        known, order = -1, None
+    while known < number:
+        known += 1
+        order = shuffled_pass(size, share, seed, source, known, order)
+    LAST_PASS[key] = (known, order)
+    return order
+
+
+def shuffled_pass(size, share, seed, source, number, previous):
+    """A seeded shuffle. When a pass begins inside an epoch, the examples that epoch took from the
+    end of the previous pass go last (share < size: they are fewer than the pass holds), so no
+    epoch takes an example twice from the passes."""
+    order = np.random.default_rng([seed, source, number]).permutation(size)
+    begin = number * size
+    epoch_start = begin // share * share
+    if previous is None or epoch_start == begin:
+        return order
+    taken = np.zeros(size, dtype=bool)
+    taken[previous[epoch_start - (number - 1) * size:]] = True
+    return np.concatenate([order[~taken[order]], order[taken[order]]])
+
+
 def epoch_examples(sizes, shares, seed, epoch):
     """Positions (into the sources laid end to end) of one epoch's examples, in source order.
-    Each source is an endless run of passes over its examples, each pass in its own shuffled
-    order; epoch e takes the next `share` of them. So no example repeats before the whole
-    source was seen, and an epoch of a short source holds each example equally often (+-1)."""
+    A source whose share is `whole` times its size plus `rest` gives every example `whole` times
+    and the next `rest` of an endless run of shuffled passes over it: the extra examples rotate
+    over the epochs, no epoch takes one twice, and none repeats before the whole source was."""
     chosen, start = [], 0
     for source, (size, share) in enumerate(zip(sizes, shares)):
-        first, end = epoch * share, (epoch + 1) * share
-        for one_pass in range(first // size, -(-end // size)) if size and share else []:
-            order = np.random.default_rng([seed, source, one_pass]).permutation(size)
-            begin = one_pass * size
+        whole, rest = divmod(share, size) if size else (0, 0)
+        chosen.append(np.tile(np.arange(start, start + size), whole))
+        first, end = epoch * rest, (epoch + 1) * rest
+        for number in range(first // size, -(-end // size)) if rest else []:
+            order = pass_order(size, rest, seed, source, number)
+            begin = number * size
             chosen.append(start + order[max(first - begin, 0):min(end - begin, size)])
         start += size
     return np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, np.int64)

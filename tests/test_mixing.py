@@ -27,15 +27,29 @@ def test_a_short_source_repeats_whole_and_a_long_one_is_seen_whole_before_it_rep
     sizes, shares = [900, 100], [700, 300]
     source = source_of_positions(sizes)
     long_drawn = []
-    for epoch in range(2):
+    for epoch in range(4):
         positions = epoch_examples(sizes, shares, 0, epoch)
         assert np.bincount(source[positions]).tolist() == shares
         short = collections.Counter(positions[source[positions] == 1].tolist())
         assert set(short.values()) == {3} and len(short) == 100, "each of the 100 examples three times"
-        long_drawn += positions[source[positions] == 0].tolist()
-    assert len(set(long_drawn[:700])) == 700, "no example of the long source twice in the first epoch"
-    assert sorted(long_drawn[:900]) == list(range(900)), "the 200 left out of epoch 0 open epoch 1"
+        long = positions[source[positions] == 0].tolist()
+        assert len(set(long)) == 700, f"epoch {epoch} holds an example of the long source twice"
+        long_drawn += long
+    for start in range(0, len(long_drawn) - 900, 900):
+        assert sorted(long_drawn[start:start + 900]) == list(range(900)), "the whole source before any repeat"
     assert epoch_examples(sizes, shares, 0, 1).tolist() != epoch_examples(sizes, shares, 1, 1).tolist()
+    assert epoch_examples(sizes, shares, 0, 2).tolist() == epoch_examples(sizes, shares, 0, 2).tolist()
+
+
+def test_an_upsampled_source_gives_each_example_whole_or_one_more_times_and_rotates_the_extras():
+    sizes, shares = [100, 1000], [120, 980]
+    extras = []
+    for epoch in range(5):
+        positions = epoch_examples(sizes, shares, 0, epoch)
+        counts = np.bincount(positions[positions < 100], minlength=100)
+        assert sorted(set(counts.tolist())) == [1, 2] and counts.sum() == 120
+        extras += np.flatnonzero(counts == 2).tolist()
+    assert sorted(extras) == list(range(100)), "5 epochs x 20 extra copies: each example once"
 
 
 def test_mixed_batches_are_deterministic_for_the_seed_and_unweighted_ones_unchanged():
