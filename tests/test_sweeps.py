@@ -46,24 +46,6 @@ def test_an_expanded_run_is_exactly_the_hand_listed_run_with_the_same_settings(w
     assert swept == commands["by-hand"].replace("by-hand", "NAME")
 
 
-@pytest.mark.parametrize("text, message", [
-    (GRID + "runs:\n  lr-rank-r8-learning_rate0.0001: {}\n",
-     "sweep 'lr-rank': its run 'lr-rank-r8-learning_rate0.0001' ({'r': 8, 'learning_rate': 0.0001}) collides "
-     "with a run listed under runs"),
-    ("sweeps:\n  s: {grid: {rank: [8, 16]}}\n", "sweep 's': grid key 'rank' is not a run setting"),
-    ("sweeps:\n  s: {grid: {}}\n", "sweep 's': grid is empty"),
-    ("sweeps:\n  s: {grid: {r: []}}\n", "sweep 's': grid key 'r' has no values"),
-    ("sweeps:\n  s: {base: {r: 8}, grid: {r: [4]}}\n", "sweep 's': 'r' is set in both base and grid"),
-    ("sweeps:\n  s: {base: {rank: 8}, grid: {r: [4]}}\n", "sweep 's': base key 'rank' is not a run setting"),
-    ("sweeps:\n  s: {grid: {r: [0, 8]}}\n", "0 is less than the minimum of 1"),
-])
-def test_a_bad_sweep_fails_before_any_job_and_names_the_key(workdir, text, message):
-    result = snakemake(workdir, "-n", *configure(workdir, text), check=False)
-    assert result.returncode != 0
-    assert message in result.stdout + result.stderr
-    assert not (workdir / "results").exists()
-
-
 def test_changing_one_grid_value_plans_only_the_runs_it_touches(workdir):
     """r: [4, 8] becomes [4, 16]: r4's commands are unchanged, and over a project whose outputs
     all exist only r16's jobs and the sweep report are planned."""

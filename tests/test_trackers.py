@@ -52,8 +52,9 @@ def test_a_tracker_that_is_not_installed_stops_before_training_with_the_pip_comm
 
 
 def test_unknown_trackers_are_refused_by_the_settings(tmp_path, tiny_model, shards):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         run_train(tmp_path, tiny_model, shards, "--trackers", "neptune")
+    assert str(stop.value) == "--trackers: 'neptune' is not one of ['tensorboard', 'mlflow', 'wandb']"
 
 
 def test_wandb_runs_offline_into_the_tracker_folder(tmp_path, tiny_model, shards, monkeypatch, capfd):

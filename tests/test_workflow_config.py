@@ -56,6 +56,18 @@ def test_default_dag_has_one_training_job_per_run_and_shared_shards(workdir):
     ("runs:\n  lora-r16:\n    quantization: 8bit\n    distributed: fsdp\n", "FSDP cannot split bitsandbytes' int8"),
     ("runs:\n  lora-r16:\n    nodes: 2\n", "run 'lora-r16': nodes 2 spans GPU nodes of a SLURM cluster: set gpus"),
     ("runs:\n  lora-r16:\n    distributed: zero3\n", "'zero3' is not one of ['ddp', 'fsdp']"),
+    ("runs:\n  lora-r16:\n    datasets: {word_tasks: 0}\n",
+     "run 'lora-r16': datasets: the weight of 'word_tasks' must be a number > 0, got 0"),
+    ("runs:\n  lora-r16:\n    datasets: {word_tasks: 1, poems: 1}\n", "run 'lora-r16': unknown dataset 'poems'"),
+    ("sweeps:\n  lr-rank: {grid: {r: [8], learning_rate: [1.0e-4]}}\nruns:\n  lr-rank-r8-learning_rate0.0001: {}\n",
+     "sweep 'lr-rank': its run 'lr-rank-r8-learning_rate0.0001' ({'r': 8, 'learning_rate': 0.0001}) collides "
+     "with a run listed under runs"),
+    ("sweeps:\n  s: {grid: {rank: [8, 16]}}\n", "sweep 's': grid key 'rank' is not a run setting"),
+    ("sweeps:\n  s: {grid: {}}\n", "sweep 's': grid is empty"),
+    ("sweeps:\n  s: {grid: {r: []}}\n", "sweep 's': grid key 'r' has no values"),
+    ("sweeps:\n  s: {base: {r: 8}, grid: {r: [4]}}\n", "sweep 's': 'r' is set in both base and grid"),
+    ("sweeps:\n  s: {base: {rank: 8}, grid: {r: [4]}}\n", "sweep 's': base key 'rank' is not a run setting"),
+    ("sweeps:\n  s: {grid: {r: [0, 8]}}\n", "0 is less than the minimum of 1"),
 ])
 def test_bad_config_fails_before_any_job_and_names_the_key(workdir, override, message):
     result = snakemake(workdir, "-n", *write_config(workdir, override), check=False)
