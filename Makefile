@@ -12,9 +12,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-test.txt constraints-cpu.txt
+# The workflow's package (finetune/) is installed in editable mode: the stage scripts,
+# tests and benchmarks import it, and an edit to it is live at once.
+$(VENV)/.installed: requirements.txt requirements-test.txt constraints-cpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -r requirements-test.txt -c constraints-cpu.txt
+	$(BIN)/pip install --quiet -r requirements-test.txt -c constraints-cpu.txt -e .
 	touch $@
 
 run: install
@@ -25,6 +27,7 @@ test: install
 
 lint: install
 	snakemake --lint
+	snakefmt --check Snakefile rules
 
 clean:
 	rm -rf results .snakemake

@@ -1,7 +1,11 @@
-# LoRA fine-tuning as a Snakemake workflow:
-#   data/*.jsonl -> validate -> tokenize -> train (one job per run) -> evaluate,
-#   report -> export, merge, upload; the embedded tiny base model is built and
-#   pretrained by the workflow itself.  See README.md.
+# Fine-tuning as a Snakemake workflow:
+#   data -> validate -> tokenize -> train (one job per run) -> evaluate, report
+#   -> merge, export, upload; the embedded tiny base model is built and pretrained
+#   by the workflow itself. See README.md and docs/.
+# The rule files depend one way, in the order they are included: config (the resolved
+# config), paths (file names), code (each job's code inputs) and common (what the rules
+# look up by wildcards) hold functions only; then the rules, each file using those and
+# the rules before it.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -13,10 +17,10 @@ configfile: "config/config.yaml"
 report: "rules/captions/workflow.rst"
 
 
-include: "rules/scripts.smk"
 include: "rules/config.smk"
 include: "rules/paths.smk"
-include: "rules/summary.smk"
+include: "rules/code.smk"
+include: "rules/common.smk"
 
 
 # A run is any name the schema allows (not an alternation of every run: with a 1,000-run
@@ -27,7 +31,7 @@ wildcard_constraints:
     dataset="|".join(config["datasets"]),
     model="|".join(config["base_models"]),
     tokenization="[A-Za-z0-9_.-]+",
-    published="adapter|model",
+    published="adapter|model|merged",
 
 
 localrules:
@@ -35,17 +39,18 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         final_outputs(),
-    default_target: True
+
+
+include: "rules/settings.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/base_model.smk"
+include: "rules/evaluate.smk"
+include: "rules/export.smk"
 
 
 onsuccess:
-    print_exact_match()
-
-
-include: "rules/data.smk"
-include: "rules/base_model.smk"
-include: "rules/train.smk"
-include: "rules/evaluate.smk"
-include: "rules/export.smk"
+    print_exact_match(rules.evaluate.output.eval_json)

@@ -28,14 +28,15 @@ import pyarrow as pa  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-from shards import SHARD_SCHEMA  # noqa: E402
+from finetune.data.shards import SHARD_SCHEMA  # noqa: E402
 
 # Runs train.py in a child process: with --baseline, read_shards is the old list-building reader.
 CHILD = r"""
 import json, resource, sys, time
 started = time.perf_counter()
 sys.path.insert(0, sys.argv[1])
-import shards, train
+import train
+from finetune.data import shards
 if sys.argv[2] == "baseline":
     def read_lists(paths, split):
         examples = []
@@ -103,7 +104,7 @@ def main():
     parser.add_argument("--records", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--baseline-max", type=int, default=300_000, help="largest size the list reader is run at")
     args = parser.parse_args()
-    from build_tiny_model import build_tiny_model
+    from finetune.tiny_model import build_tiny_model
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = build_tiny_model([REPO / "data" / "word_tasks.jsonl"], work / "model", vocab_size=1024)

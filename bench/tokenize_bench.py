@@ -28,10 +28,11 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
-from build_tiny_model import build_tiny_model  # noqa: E402
-from prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX, load_tokenizer  # noqa: E402
-from tokenize_data import tokenize_file  # noqa: E402
-from validate_data import validate_file  # noqa: E402
+from finetune.tiny_model import build_tiny_model  # noqa: E402
+from finetune.data.prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX, load_tokenizer  # noqa: E402
+from finetune.data.tokenizer import 
+from finetune.data.tokenization import tokenize_file  # noqa: E402
+from finetune.data.validation import validate_file  # noqa: E402
 
 CORPUS = REPO / "data" / "pretrain_corpus.jsonl"
 WORDS = [word for line in CORPUS.read_text().splitlines() for word in json.loads(line)["text"].split()]

@@ -61,11 +61,11 @@ METHODS = ["this workflow", "(a) seed: Trainer, padding=max_length", "(b) Traine
 
 def prepare(work, records, size):
     """The model (random init, of the given size), synthetic records, and this workflow's shard of them."""
-    from build_tiny_model import build_tiny_model
-    from prompts import load_tokenizer
+    from finetune.tiny_model import build_tiny_model
+    from finetune.data.tokenizer import load_tokenizer
     from tokenize_bench import write_synthetic
-    from tokenize_data import tokenize_file
-    from validate_data import validate_file
+    from finetune.data.tokenization import tokenize_file
+    from finetune.data.validation import validate_file
     model = build_tiny_model([REPO / "data" / "pretrain_corpus.jsonl"], work / "tiny", **SIZES[size])
     write_synthetic(work / "raw.jsonl", records)
     validate_file(work / "raw.jsonl", work / "records.jsonl", work / "rejected.jsonl")
@@ -126,8 +126,10 @@ def worker(method, args, work):
     from transformers import (AutoModelForCausalLM, DataCollatorForLanguageModeling, DataCollatorForSeq2Seq,
                               Trainer, TrainingArguments)
 
-    from prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, load_tokenizer
-    from shards import read_shards
+    from finetune.data.prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.data.shards import read_shards
     tokenizer = load_tokenizer(work / "tiny")
     records = [json.loads(line) for line in (work / "records.jsonl").read_text().splitlines()]
     prompts = [(ALPACA_PROMPT_WITH_INPUT if r["input"] else ALPACA_PROMPT).format(**r) for r in records]

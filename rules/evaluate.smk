@@ -1,124 +1,85 @@
-# Per-run evaluation (base vs tuned on the held-out split, generations) and the
-# run's readable report.
+# Per-run evaluation (base vs tuned on the held-out split, generations), the run's
+# page, and the sweep page comparing every run; all registered in `snakemake --report`.
 
 
 rule evaluate:
     input:
-        trained="results/runs/{run}/trained",
-        shards=lambda wc: shards(wc.run),
-        records=lambda wc: normalized_records(wc.run),
-        model=lambda wc: base_model_files(RUNS[wc.run]["base_model"]),
+        trained=rules.train.output.trained,
+        shards=run_shards,
+        records=normalized_records,
+        model=run_base_model_files,
+        settings="results/runs/{run}/settings/evaluate.json",
         script=script("evaluate"),
-        modules=imported_modules("evaluate"),
+        code=code_of("evaluate"),
     output:
         eval_json="results/runs/{run}/eval.json",
         generations="results/runs/{run}/generations.jsonl",
-    params:
-        base_model=lambda wc: base_model_path(RUNS[wc.run]["base_model"]),
-        settings=lambda wc: script_flags("evaluate", run=RUNS[wc.run]),
-        gpu_pool=script("gpu_pool"),
-    threads: 2
-    resources:
-        gpu=lambda wc: min(RUNS[wc.run]["gpus"], 1),
     log:
         "results/logs/evaluate/{run}.log",
     conda:
         "../envs/finetune.yaml"
+    threads: 2
+    resources:
+        gpu=evaluation_gpus,
+    params:
+        base_model=run_base_model,
     shell:
-        "python {params.gpu_pool} --gpus {resources.gpu} --"
-        " python {input.script} --run-name {wildcards.run} --base-model {params.base_model}"
-        " --trained-dir {input.trained} --shards {input.shards} --records {input.records} {params.settings}"
-        " --eval-json {output.eval_json} --generations {output.generations} --threads {threads} > {log} 2>&1"
+        "python -m finetune.gpu_pool --gpus {resources.gpu} -- python {input.script} --run-name {wildcards.run}"
+        " --settings {input.settings} --base-model {params.base_model} --trained-dir {input.trained}"
+        " --shards {input.shards} --records {input.records} --eval-json {output.eval_json}"
+        " --generations {output.generations} --threads {threads} > {log} 2>&1"
 
 
 rule report_run:
     input:
-        metrics="results/runs/{run}/metrics.jsonl",
-        summary="results/runs/{run}/train_summary.json",
-        eval_json="results/runs/{run}/eval.json",
-        generations="results/runs/{run}/generations.jsonl",
-        samples="results/runs/{run}/samples.jsonl",
-        manifest="results/runs/{run}/manifest.json",
+        metrics=rules.train.output.metrics,
+        summary=rules.train.output.summary,
+        samples=rules.train.output.samples,
+        eval_json=rules.evaluate.output.eval_json,
+        generations=rules.evaluate.output.generations,
+        manifest=rules.manifest.output,
         script=script("report_run"),
-        modules=imported_modules("report_run"),
+        code=code_of("report_run"),
     output:
-        plot=report(
-            "results/runs/{run}/loss_curve.png",
-            category="Runs",
-            subcategory="{run}",
-            caption="captions/run_loss_curve.rst",
-            labels={"run": "{run}", "figure": "loss curve"},
-        ),
-        html=report(
-            "results/runs/{run}/report.html",
-            category="Runs",
-            subcategory="{run}",
-            caption="captions/run_page.rst",
-            labels={"run": "{run}", "figure": "run page"},
-        ),
-    params:
-        settings=lambda wc: shlex.quote(json.dumps(RUNS[wc.run], sort_keys=True)),
+        plot=reported("results/runs/{run}/loss_curve.png", "Runs", "run_loss_curve", "loss curve", per_run=True),
+        html=reported("results/runs/{run}/report.html", "Runs", "run_page", "run page", per_run=True),
     log:
         "results/logs/report_run/{run}.log",
     conda:
         "../envs/finetune.yaml"
     shell:
-        "python {input.script} --run-name {wildcards.run} --settings {params.settings}"
-        " --metrics {input.metrics} --summary {input.summary} --eval-json {input.eval_json}"
-        " --generations {input.generations} --samples {input.samples} --manifest {input.manifest}"
-        " --plot {output.plot} --html {output.html}"
-        " > {log} 2>&1"
+        "python {input.script} --run-name {wildcards.run} --manifest {input.manifest} --metrics {input.metrics}"
+        " --summary {input.summary} --eval-json {input.eval_json} --generations {input.generations}"
+        " --samples {input.samples} --plot {output.plot} --html {output.html} > {log} 2>&1"
 
 
 rule report_sweep:
     input:
-        summaries=expand("results/runs/{run}/train_summary.json", run=RUNS),
-        evaluations=expand("results/runs/{run}/eval.json", run=RUNS),
-        metrics=expand("results/runs/{run}/metrics.jsonl", run=RUNS),
+        settings="results/report/settings/report_sweep.json",
+        run_settings=expand(rules.run_settings.output[0], run=RUNS),
+        summaries=expand(rules.train.output.summary, run=RUNS),
+        evaluations=expand(rules.evaluate.output.eval_json, run=RUNS),
+        metrics=expand(rules.train.output.metrics, run=RUNS),
         script=script("report_sweep"),
-        modules=imported_modules("report_sweep"),
+        code=code_of("report_sweep"),
     output:
-        csv=report(
-            "results/report/sweep.csv",
-            category="Sweep",
-            caption="captions/sweep_csv.rst",
-            labels={"figure": "sweep table (CSV)"},
+        csv=reported("results/report/sweep.csv", "Sweep", "sweep_csv", "sweep table (CSV)"),
+        html=reported("results/report/sweep.html", "Sweep", "sweep_table", "sweep table"),
+        loss_plot=reported("results/report/loss_curves.png", "Sweep", "loss_curves", "loss curves"),
+        params_plot=reported(
+            "results/report/eval_loss_vs_parameters.png", "Sweep", "loss_vs_parameters", "eval loss vs parameters"
         ),
-        html=report(
-            "results/report/sweep.html",
-            category="Sweep",
-            caption="captions/sweep_table.rst",
-            labels={"figure": "sweep table"},
-        ),
-        loss_plot=report(
-            "results/report/loss_curves.png",
-            category="Sweep",
-            caption="captions/loss_curves.rst",
-            labels={"figure": "loss curves"},
-        ),
-        params_plot=report(
-            "results/report/eval_loss_vs_parameters.png",
-            category="Sweep",
-            caption="captions/loss_vs_parameters.rst",
-            labels={"figure": "eval loss vs parameters"},
-        ),
-        swept_plot=report(
-            "results/report/metrics_vs_swept.png",
-            category="Sweep",
-            caption="captions/metrics_vs_swept.rst",
-            labels={"figure": "metrics vs swept settings"},
-        ),
-    params:
-        sweeps=shlex.quote(json.dumps(SWEEPS, sort_keys=True)),
-        runs=" ".join(
-            f"--run {name} results/runs/{name} {shlex.quote(json.dumps(run, sort_keys=True))}"
-            for name, run in RUNS.items()
+        swept_plot=reported(
+            "results/report/metrics_vs_swept.png", "Sweep", "metrics_vs_swept", "metrics vs swept settings"
         ),
     log:
         "results/logs/report_sweep.log",
     conda:
         "../envs/finetune.yaml"
+    params:
+        runs=list(RUNS),
     shell:
-        "python {input.script} {params.runs} --csv {output.csv} --html {output.html}"
-        " --loss-plot {output.loss_plot} --params-plot {output.params_plot}"
-        " --sweeps {params.sweeps} --swept-plot {output.swept_plot} > {log} 2>&1"
+        "python {input.script} --settings {input.settings} --runs {params.runs} --run-settings {input.run_settings}"
+        " --summaries {input.summaries} --evaluations {input.evaluations} --metrics {input.metrics}"
+        " --csv {output.csv} --html {output.html} --loss-plot {output.loss_plot} --params-plot {output.params_plot}"
+        " --swept-plot {output.swept_plot} > {log} 2>&1"

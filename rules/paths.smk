@@ -1,16 +1,21 @@
-# Where each file lives. Only the rules and these helpers know file names; the
-# scripts get explicit paths. Every path is relative to the working directory,
-# so a project that is moved or copied keeps its provenance and reruns nothing.
+# Where each file lives, for the rules. Only the rules and these helpers know file
+# names; the scripts get explicit paths. Every path is relative to the working
+# directory, so a project that is moved or copied keeps its provenance and reruns
+# nothing. Uses RUNS and config (config.smk).
 import hashlib
 import json
 import os
 import re
 
+from finetune.settings import declared
+
 # Files of a local model folder that only document it: editing them reruns nothing.
 DOCUMENTATION = re.compile(r"(?i)^(readme|license|licence|notice|use_policy)(\..*)?$|\.md$")
 # Files a tokenizer is loaded from (config.json names the tokenizer class of some models).
-TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt"
-                             r"|chat_template\..*|.*\.model|.*\.tiktoken|config\.json)$")
+TOKENIZER_FILES = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt"
+    r"|chat_template\..*|.*\.model|.*\.tiktoken|config\.json)$"
+)
 
 
 def project_path(path):
@@ -35,6 +40,11 @@ def pretraining(model):
     return {**config["base_models"][model]["build_tiny"]["pretrain"], "method": "full", "base_model": model}
 
 
+def corpus(model):
+    """The dataset a built model's tokenizer is trained on (and it is pretrained on)."""
+    return config["base_models"][model]["build_tiny"]["corpus"]
+
+
 def base_model_path(model):
     """What from_pretrained loads: the built (and pretrained) model's folder, a local folder, or a Hub id."""
     if built(model):
@@ -57,18 +67,25 @@ def base_model_files(model, tokenizer_only=False):
     if not os.path.isdir(folder):
         return []
     wanted = TOKENIZER_FILES if tokenizer_only else re.compile(".")
-    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                  if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".")
-                  and not DOCUMENTATION.search(name) and wanted.match(name))
+    return sorted(
+        os.path.join(folder, name)
+        for name in os.listdir(folder)
+        if os.path.isfile(os.path.join(folder, name))
+        and not name.startswith(".")
+        and not DOCUMENTATION.search(name)
+        and wanted.match(name)
+    )
 
 
 def tokenization(run):
     """Names the shards of one tokenization: the base model and the run's settings that
     tokenization receives. Runs that agree on these share shards; a change makes new ones."""
     model = config["base_models"][run["base_model"]]
-    received = SETTINGS.script_settings("tokenize_data")
-    identity = {name: (run if section == "run" else model).get(name)
-                for name, (section, _) in received.items() if section in ("run", "base_model")}
+    identity = {
+        name: (run if section == "run" else model).get(name)
+        for name, (section, _) in declared("tokenize_data", SCHEMA).items()
+        if section in ("run", "base_model")
+    }
     identity["tokenizer"] = tokenizer_path(run["base_model"])
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return f"{run['base_model']}-{run['max_length']}-{digest}"
@@ -78,43 +95,52 @@ TOKENIZATION_OF_RUN = {name: tokenization(run) for name, run in RUNS.items()}
 TOKENIZATIONS = {TOKENIZATION_OF_RUN[name]: run for name, run in RUNS.items()}
 
 
-def shards(run_name):
-    return [f"results/tokens/{TOKENIZATION_OF_RUN[run_name]}/{dataset}.arrow" for dataset in RUNS[run_name]["datasets"]]
+def dataset_files(dataset):
+    """The files a dataset is read from, as the validate job's inputs: its file; every file of a
+    datasets folder (editing any of them reruns it); none for a Hub dataset, whose source_split and
+    revision are settings (changing them reruns it). A missing local path stays an input, so that
+    Snakemake names it before any job runs."""
+    path = config["datasets"][dataset]["path"]
+    if path.startswith(workflow_config.HUB_DATASET_PREFIX):
+        return []
+    if not os.path.isdir(path):
+        return [path]
+    files = []
+    for folder, subfolders, names in os.walk(path):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        files += [os.path.join(folder, name) for name in sorted(names) if not name.startswith(".")]
+    return files
 
 
-def mix_weights(run_name):
-    """The train flag of a run whose datasets carry weights, in the order of its shards."""
-    datasets = RUNS[run_name]["datasets"]
-    return "--weights " + " ".join(str(datasets[name]) for name in datasets) if isinstance(datasets, dict) else ""
+def run_datasets(run):
+    return list(RUNS[run]["datasets"])
 
 
-def normalized_records(run_name):
-    return [f"results/data/{dataset}.jsonl" for dataset in RUNS[run_name]["datasets"]]
+def shards(run):
+    return [f"results/tokens/{TOKENIZATION_OF_RUN[run]}/{dataset}.arrow" for dataset in run_datasets(run)]
 
 
 def token_stats(dataset):
     """The stats of every tokenization of a dataset that some run, or some pretraining, uses."""
     names = sorted({TOKENIZATION_OF_RUN[name] for name, run in RUNS.items() if dataset in run["datasets"]})
-    pretrained = [model for model in config["base_models"]
-                  if pretraining(model) and config["base_models"][model]["build_tiny"]["corpus"] == dataset]
-    return ([f"results/tokens/{name}/{dataset}.stats.json" for name in names]
-            + [f"results/pretrain/{model}/corpus.stats.json" for model in pretrained])
+    pretrained = [model for model in config["base_models"] if pretraining(model) and corpus(model) == dataset]
+    return [f"results/tokens/{name}/{dataset}.stats.json" for name in names] + [
+        f"results/pretrain/{model}/corpus.stats.json" for model in pretrained
+    ]
 
 
-def published(run_name):
-    """The folder a run publishes (with its model card): its adapter, or for method full its model."""
-    return "model" if RUNS[run_name]["method"] == "full" else "adapter"
-
-
-def dataset_stats_files(run_name):
-    return [f"results/data/{dataset}.stats.json" for dataset in RUNS[run_name]["datasets"]]
+def published(run):
+    """The folders a run publishes (each with its model card): its adapter, or for method full its model;
+    and the merged model when it merges."""
+    if RUNS[run]["method"] == "full":
+        return ["model"]
+    return ["adapter", "merged"] if RUNS[run]["merge"] else ["adapter"]
 
 
 def final_outputs():
     outputs = [f"results/data/{dataset}.stats.json" for dataset in config["datasets"]]
     for name, run in RUNS.items():
-        outputs += [f"results/runs/{name}/eval.json", f"results/runs/{name}/report.html",
-                    f"results/runs/{name}/{published(name)}"]
-        outputs += [f"results/runs/{name}/merged"] if run["merge"] else []
+        outputs += [f"results/runs/{name}/eval.json", f"results/runs/{name}/report.html"]
+        outputs += [f"results/runs/{name}/{folder}" for folder in published(name)]
         outputs += [f"results/runs/{name}/upload.json"] if run.get("hub") else []
     return outputs + ["results/report/sweep.html"]

@@ -1,125 +1,24 @@
-"""Build a tiny Llama-architecture model offline: weights in Llama's standard
-random initialization, a byte-level BPE tokenizer trained on the text of a
-corpus of records (JSONL), a chat template, and distinct bos/eos/pad tokens.
-The result is saved with save_pretrained, so every later stage loads it
-through the same from_pretrained path as a real model. The workflow then
-pretrains it on the same corpus (train.py, method full).
+"""Build the embedded tiny Llama model offline (finetune/tiny_model.py): a tokenizer
+trained on the corpus, standard random initialization, saved with save_pretrained.
+The workflow then pretrains it on the same corpus (scripts/train.py, method full).
 
     python scripts/build_tiny_model.py --corpus results/data/pretrain_corpus.jsonl \
-        --output results/pretrain/tiny-llama/init --vocab-size 1024 --hidden-size 128
+        --settings build_tiny_model.json --output results/pretrain/tiny-llama/init
 """
 import argparse
-import json
 from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from outputs import save_pretrained_atomically
-from settings import add_settings, check_settings
-
-BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
-
-# Each turn is "<|role|>\n{content}"; an assistant turn ends with EOS, which is
-# what the model must learn to emit so that generation stops. The generation
-# markers let `apply_chat_template(..., return_assistant_tokens_mask=True)`
-# (and TRL's assistant-only loss) find the assistant tokens.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
-    "{% else %}{{ message['content'] }}{{ '\\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-
-def record_texts(paths):
-    """The text of every record in JSONL files of any format (completion, alpaca or chat)."""
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for record in map(json.loads, f):
-                if "text" in record:
-                    yield record["text"]
-                elif "messages" in record:
-                    yield "\n".join(message["content"] for message in record["messages"])
-                else:
-                    yield "\n".join(record.get(field, "") for field in ("instruction", "input", "output"))
-
-
-def train_tokenizer(corpus_files, vocab_size):
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(record_texts(corpus_files), trainer)
-    bos_id = tokenizer.token_to_id(BOS)
-    # Like Llama tokenizers: encoding with special tokens prepends BOS, never EOS.
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        additional_special_tokens=ROLE_TOKENS,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=2048,
-        padding_side="right",
-    )
-
-
-def build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, initializer_range,
-                seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        initializer_range=initializer_range,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return model
-
-
-def build_tiny_model(corpus_files, output_dir, vocab_size=1024, hidden_size=128, num_layers=2,
-                     num_heads=4, num_kv_heads=2, intermediate_size=0, initializer_range=0.02, seed=0):
-    tokenizer = train_tokenizer(corpus_files, vocab_size)
-    model = build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads,
-                        intermediate_size or 4 * hidden_size, initializer_range, seed)
-    return save_pretrained_atomically(output_dir, model, tokenizer)
+from finetune.settings import read_settings
+from finetune.tiny_model import build_tiny_model
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, nargs="+", required=True,
                         help="JSONL records whose text trains the tokenizer")
+    parser.add_argument("--settings", type=Path, required=True, help="this stage's settings (JSON)")
     parser.add_argument("--output", type=Path, required=True)
-    add_settings(parser, "build_tiny_model")
-    args = check_settings(parser.parse_args(argv), "build_tiny_model")
+    args = parser.parse_args(argv)
     for path in args.corpus:
         if not path.is_file():
             parser.error(f"corpus file not found: {path}")
@@ -128,8 +27,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    build_tiny_model(args.corpus, args.output, args.vocab_size, args.hidden_size, args.num_layers,
-                     args.num_heads, args.num_kv_heads, args.intermediate_size, args.initializer_range, args.seed)
+    s = read_settings(args.settings, "build_tiny_model")
+    build_tiny_model(args.corpus, args.output, s.vocab_size, s.hidden_size, s.num_layers, s.num_heads,
+                     s.num_kv_heads, s.intermediate_size, s.initializer_range, s.seed)
     print(f"tiny model written to {args.output}")
 
 

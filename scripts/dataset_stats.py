@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from outputs import write_json
+from finetune.files import write_json
 
 
 def combine(validation_path, tokenized_paths):

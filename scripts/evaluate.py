@@ -4,7 +4,7 @@ their generations (overall and per task kind), and the generations for the
 configured prompts and a fixed sample of held-out records (base and tuned
 beside the reference answer).
 
-    python scripts/evaluate.py --base-model results/base_models/tiny-llama \
+    python scripts/evaluate.py --base-model results/base_models/tiny-llama --settings evaluate.json \
         --trained-dir results/runs/r8/trained --shards results/tokens/TOKENIZATION/*.arrow \
         --records results/data/*.jsonl --eval-json results/runs/r8/eval.json \
         --generations results/runs/r8/generations.jsonl
@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 
-from batches import mean_token_loss
-from generation import encode_prompt, generate, heldout_records, prompt_records, question, reference_answer
-from metrics import task_metrics
-from models import DTYPES, load_adapter, load_base_model, resolve_precision
-from outputs import write_json, write_jsonl
-from prompts import load_tokenizer, resolve_template, stop_token_ids
-from settings import add_settings, check_settings
-from shards import read_shards
+from finetune.data.prompts import resolve_template, stop_token_ids
+from finetune.data.shards import read_shards
+from finetune.data.tokenizer import load_tokenizer
+from finetune.evaluation.generation import (encode_prompt, generate, heldout_records, prompt_records, question,
+                                            reference_answer)
+from finetune.evaluation.loss import mean_token_loss
+from finetune.evaluation.metrics import task_metrics
+from finetune.files import write_json, write_jsonl
+from finetune.models import DTYPES, load_adapter, load_base_model, resolve_precision
+from finetune.settings import read_settings
 
 
 def models_to_compare(base_model, trained_dir, tokenizer, dtype, device, trust_remote_code=False):
@@ -39,26 +41,28 @@ def models_to_compare(base_model, trained_dir, tokenizer, dtype, device, trust_r
     return [("base", base, contextlib.nullcontext), ("tuned", tuned, contextlib.nullcontext)]
 
 
-def evaluate(args):
-    tokenizer = load_tokenizer(args.trained_dir, trust_remote_code=args.trust_remote_code)
-    template = resolve_template(tokenizer, args.template)
+def evaluate(args, settings):
+    """(eval.json's result, the generations) of the run in args.trained_dir against its base."""
+    tokenizer = load_tokenizer(args.trained_dir, trust_remote_code=settings.trust_remote_code)
+    template = resolve_template(tokenizer, settings.template)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[resolve_precision("auto", device)]
     examples = read_shards(args.shards, "eval")
     if not examples:
         raise SystemExit(f"[{args.run_name}] no held-out records in {', '.join(map(str, args.shards))}")
-    records = [("prompt", r) for r in prompt_records(args.prompts)]
-    records += [("heldout", r) for r in heldout_records(args.records, examples.record_ids(), args.num_samples)]
+    records = [("prompt", r) for r in prompt_records(settings.prompts)]
+    records += [("heldout", r) for r in heldout_records(args.records, examples.record_ids(), settings.num_samples)]
     prompts = [encode_prompt(r, tokenizer, template)[0] for _, r in records]
-    settings = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
-                    top_p=args.top_p, seed=args.seed, stop_ids=stop_token_ids(tokenizer, template))
+    decoding = dict(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                    temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+                    stop_ids=stop_token_ids(tokenizer, template))
 
     losses, outputs = {}, {}
     for side, model, context in models_to_compare(args.base_model, args.trained_dir, tokenizer, dtype, device,
-                                                  args.trust_remote_code):
+                                                  settings.trust_remote_code):
         with context():
-            losses[side], tokens = mean_token_loss(model, examples, args.batch_size, tokenizer.pad_token_id)
-            outputs[side] = generate(model, tokenizer, prompts, **settings)
+            losses[side], tokens = mean_token_loss(model, examples, settings.batch_size, tokenizer.pad_token_id)
+            outputs[side] = generate(model, tokenizer, prompts, **decoding)
 
     generations = [
         {"source": source, "id": record.get("id"), "task": record.get("task"), "question": question(record),
@@ -76,7 +80,7 @@ def evaluate(args):
         "template": template,
         **{side: {"loss": losses[side], "perplexity": math.exp(losses[side]),
                   **task_metrics([g[side] for g in heldout], references, tasks)} for side in ("base", "tuned")},
-        "generation": {k: v for k, v in settings.items() if k != "batch_size"},
+        "generation": {k: v for k, v in decoding.items() if k != "batch_size"},
     }
     return result, generations
 
@@ -84,6 +88,7 @@ def evaluate(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", required=True, help="local path or Hub id")
+    parser.add_argument("--settings", type=Path, required=True, help="this stage's settings (JSON)")
     parser.add_argument("--trained-dir", type=Path, required=True,
                         help="the trained adapter or full model, with its tokenizer")
     parser.add_argument("--shards", type=Path, nargs="+", required=True, help="Arrow shards from tokenize_data.py")
@@ -92,15 +97,15 @@ def parse_args(argv=None):
     parser.add_argument("--generations", type=Path, required=True)
     parser.add_argument("--run-name", default="run")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    add_settings(parser, "evaluate")
-    return check_settings(parser.parse_args(argv), "evaluate")
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    settings = read_settings(args.settings, "evaluate")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result, generations = evaluate(args)
+    result, generations = evaluate(args, settings)
     write_jsonl(args.generations, generations)
     write_json(args.eval_json, result)
     print(f"[{args.run_name}] eval loss: base {result['base']['loss']:.4f} (ppl {result['base']['perplexity']:.1f}), "

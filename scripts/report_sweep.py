@@ -4,21 +4,25 @@ loss curves of all runs on one chart, eval loss against trainable parameters,
 and, for each grid of the config's `sweeps`, the held-out loss and exact match
 against each swept setting. The best run is the one with the highest held-out exact match.
 
-    python scripts/report_sweep.py --run r8 results/runs/r8 '{"method": "lora", ...}' \
-        --run r16 results/runs/r16 '{...}' --csv results/report/sweep.csv \
+    python scripts/report_sweep.py --settings results/report/settings/report_sweep.json \
+        --runs r8 r16 --run-settings results/runs/{r8,r16}/settings.json \
+        --summaries results/runs/{r8,r16}/train_summary.json --evaluations results/runs/{r8,r16}/eval.json \
+        --metrics results/runs/{r8,r16}/metrics.jsonl --csv results/report/sweep.csv \
         --html results/report/sweep.html --loss-plot results/report/loss_curves.png \
-        --params-plot results/report/eval_loss_vs_parameters.png \
-        --sweeps '{"lr": {"lr-learning_rate0.0001": {"learning_rate": 0.0001}, ...}}' \
-        --swept-plot results/report/metrics_vs_swept.png
+        --params-plot results/report/eval_loss_vs_parameters.png --swept-plot results/report/metrics_vs_swept.png
 """
 import argparse
-import base64
 import csv
 import html
 import json
 from pathlib import Path
 
 import matplotlib
+
+from finetune.config import grid_runs
+from finetune.files import read_json, read_jsonl
+from finetune.reports.html import image, page, table
+from finetune.settings import read_settings
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -32,39 +36,17 @@ COLUMNS = ["run", "method", "r", "alpha", "target_modules", "trainable_parameter
            "rouge_l", "bleu", "chrf"]
 TASK_PREFIX = "exact_match:"  # one more column per task kind: its held-out exact match
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 4px 6px; text-align: left; }
+body { max-width: 1200px; }
 td { white-space: nowrap; }
 td.wrap { white-space: normal; min-width: 6em; }
 .scroll { overflow-x: auto; }
-th { background: #f3f3f3; cursor: pointer; user-select: none; vertical-align: bottom; font-weight: 600; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { cursor: pointer; user-select: none; vertical-align: bottom; font-weight: 600; }
 tr.best td { background: #eaf7ee; }
-img { max-width: 100%; }
-"""
-SORT_SCRIPT = """
-document.querySelectorAll('table.sortable th').forEach((th, column) => th.addEventListener('click', () => {
-  const body = th.closest('table').tBodies[0];
-  const ascending = th.dataset.order !== 'asc';
-  th.dataset.order = ascending ? 'asc' : 'desc';
-  const key = row => { const text = row.cells[column].dataset.value ?? row.cells[column].textContent;
-                       const number = parseFloat(text); return isNaN(number) ? text : number; };
-  [...body.rows].sort((a, b) => (key(a) > key(b) ? 1 : -1) * (ascending ? 1 : -1)).forEach(r => body.appendChild(r));
-}));
 """
 
 
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def run_row(name, folder, settings):
-    folder = Path(folder)
-    summary = json.loads((folder / "train_summary.json").read_text())
-    evaluation = json.loads((folder / "eval.json").read_text())
-    metrics = read_jsonl(folder / "metrics.jsonl")
+def run_row(name, settings, summary, evaluation, metrics):
+    """One run's row of the sweep table."""
     tuned = evaluation["tuned"]
     adapter = settings.get("method") != "full"  # rank, alpha and targets mean nothing to a full fine-tune
     target = settings.get("target_modules") if adapter else None
@@ -84,7 +66,7 @@ def run_row(name, folder, settings):
         "perplexity": tuned["perplexity"],
         **{key: tuned.get(key) for key in ("exact_match", "rouge_l", "bleu", "chrf")},
         **{f"{TASK_PREFIX}{task}": value for task, value in tuned.get("exact_match_by_task", {}).items()},
-    }, metrics
+    }
 
 
 def plot_loss_curves(curves, path):
@@ -121,22 +103,10 @@ def plot_loss_vs_parameters(rows, path):
     plt.close(fig)
 
 
-def cell(value, wrap=False):
-    if isinstance(value, bool):
-        return f"<td>{'true' if value else 'false'}</td>"
-    if isinstance(value, float):
-        return f'<td class="num" data-value="{value}">{value:.4g}</td>'
-    if isinstance(value, int):
-        return f'<td class="num" data-value="{value}">{value:,}</td>'
-    return f"<td{' class=wrap' if wrap else ''}>{html.escape('' if value is None else str(value))}</td>"
-
-
 def sortable_table(table_id, rows, columns, headers, best):
-    head = "".join(f"<th title='{c}'>{html.escape(headers.get(c, c))}</th>" for c in columns)
-    body = "".join(f"<tr class='{'best' if row['run'] == best else ''}'>"
-                   + "".join(cell(row.get(c), wrap=c == "target_modules") for c in columns) + "</tr>" for row in rows)
-    return (f"<div class='scroll'><table class='sortable' id='{table_id}'><thead><tr>{head}</tr></thead>"
-            f"<tbody>{body}</tbody></table></div>")
+    return table([headers.get(c, c) for c in columns], [[row.get(c) for c in columns] for row in rows],
+                 row_classes=["best" if row["run"] == best else "" for row in rows], table_id=table_id,
+                 titles=columns, cell_classes=["wrap" if c == "target_modules" else "" for c in columns])
 
 
 SWEPT_METRICS = [("eval_loss", "held-out loss"), ("exact_match", "held-out exact match")]
@@ -204,53 +174,63 @@ def task_columns(rows):
 def render_html(rows, loss_png, params_png, swept_png=None):
     best, why = best_run(rows)
     tasks = task_columns(rows)
-    image = "<img alt='{}' src='data:image/png;base64,{}'>".format
-    return "\n".join([
-        "<!doctype html><html><head><meta charset='utf-8'><title>Sweep report</title>",
-        f"<style>{STYLE}</style></head><body>",
+    return page("Sweep report", [
         f"<h1>Sweep: {len(rows)} run(s)</h1>",
         f"<p>{why}: <b>{html.escape(best)}</b>. Click a column header to sort.</p>",
         sortable_table("sweep", rows, COLUMNS, HEADERS, best),
         "<h2>Exact match per task</h2>" if tasks else "",
         sortable_table("tasks", rows, ["run"] + tasks, {t: t[len(TASK_PREFIX):] for t in tasks}, best) if tasks else "",
-        "<h2>Loss curves</h2>", image("loss curves", base64.b64encode(loss_png).decode()),
-        "<h2>Eval loss vs trainable parameters</h2>", image("eval loss vs parameters",
-                                                             base64.b64encode(params_png).decode()),
-        *(["<h2>Metrics against each swept setting</h2>",
-           image("metrics vs swept settings", base64.b64encode(swept_png).decode())] if swept_png else []),
-        f"<script>{SORT_SCRIPT}</script></body></html>",
-    ])
+        "<h2>Loss curves</h2>", image("loss curves", loss_png),
+        "<h2>Eval loss vs trainable parameters</h2>", image("eval loss vs parameters", params_png),
+        *(["<h2>Metrics against each swept setting</h2>", image("metrics vs swept settings", swept_png)]
+          if swept_png else []),
+    ], style=STYLE)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", nargs=3, action="append", required=True, metavar=("NAME", "FOLDER", "SETTINGS_JSON"),
-                        help="a run's name, its results folder and its settings as JSON")
+    parser.add_argument("--settings", type=Path, required=True, help="this stage's settings (JSON)")
+    parser.add_argument("--runs", nargs="+", required=True, help="the runs' names; the lists below are in this order")
+    parser.add_argument("--run-settings", type=Path, nargs="+", required=True, help="each run's settings.json")
+    parser.add_argument("--summaries", type=Path, nargs="+", required=True, help="each run's train_summary.json")
+    parser.add_argument("--evaluations", type=Path, nargs="+", required=True, help="each run's eval.json")
+    parser.add_argument("--metrics", type=Path, nargs="+", required=True, help="each run's metrics.jsonl")
     parser.add_argument("--csv", type=Path, required=True)
     parser.add_argument("--html", type=Path, required=True)
     parser.add_argument("--loss-plot", type=Path, required=True)
     parser.add_argument("--params-plot", type=Path, required=True)
-    parser.add_argument("--sweeps", type=json.loads, default={},
-                        help='JSON {sweep: {run: {setting: value}}}: the runs each grid expanded to')
-    parser.add_argument("--swept-plot", type=Path, default=None, help="metrics against each swept setting (PNG)")
-    args = parser.parse_args()
-    rows, curves = [], {}
-    for name, folder, settings in args.run:
-        row, metrics = run_row(name, folder, json.loads(settings))
-        rows.append(row)
-        curves[name] = metrics
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
+    parser.add_argument("--swept-plot", type=Path, required=True, help="metrics against each swept setting (PNG)")
+    args = parser.parse_args(argv)
+    lists = (args.run_settings, args.summaries, args.evaluations, args.metrics)
+    if any(len(paths) != len(args.runs) for paths in lists):
+        parser.error(f"give one file per run ({len(args.runs)}) in each list")
+    return args
+
+
+def write_csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS + task_columns(rows))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sweeps = {sweep: dict(grid_runs(sweep, spec)) for sweep, spec in (read_settings(args.settings, "report_sweep").sweeps
+                                                               or {}).items()}
+    rows, curves = [], {}
+    for name, settings, summary, evaluation, metrics in zip(args.runs, args.run_settings, args.summaries,
+                                                           args.evaluations, args.metrics):
+        curves[name] = list(read_jsonl(metrics))
+        rows.append(run_row(name, read_json(settings), read_json(summary), read_json(evaluation), curves[name]))
+    write_csv(args.csv, rows)
     plot_loss_curves(curves, args.loss_plot)
     plot_loss_vs_parameters(rows, args.params_plot)
-    if args.swept_plot:
-        plot_metrics_vs_swept(rows, args.sweeps, args.swept_plot)
-    swept_png = args.swept_plot.read_bytes() if args.swept_plot and args.sweeps else None
-    args.html.write_text(render_html(rows, args.loss_plot.read_bytes(), args.params_plot.read_bytes(), swept_png),
-                         encoding="utf-8")
+    plot_metrics_vs_swept(rows, sweeps, args.swept_plot)
+    html_page = render_html(rows, args.loss_plot.read_bytes(), args.params_plot.read_bytes(),
+                            args.swept_plot.read_bytes() if sweeps else None)
+    args.html.write_text(html_page, encoding="utf-8")
     print(f"sweep report of {len(rows)} run(s) written to {args.html}")
 
 

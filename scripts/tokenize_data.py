@@ -1,16 +1,9 @@
-"""Tokenize one file of normalized records into an Arrow shard for training.
+"""Tokenize one file of normalized records into an Arrow shard for training
+(finetune/data/tokenization.py), with the prompt template of the base model's
+tokenizer, and write its stats (counts, truncation, token-length percentiles).
 
-Each row holds the record id, its split ('train' or 'eval'), `input_ids`, and
-`labels` in which prompt tokens are IGNORE_INDEX (unless --train-on-inputs) and
-the trailing EOS is trained on (shards.py has the format). Records longer than
---max-length are truncated or dropped (--too-long); both are counted.
-
-Records are read, tokenized (one batched fast-tokenizer call per batch, on all
-cores) and written batch by batch to an Arrow IPC stream; memory stays bounded
-for any file size.
-
-    python scripts/tokenize_data.py --input results/data/foo.jsonl \
-        --tokenizer results/base_models/tiny-llama --template auto --max-length 256 \
+    python scripts/tokenize_data.py --input results/data/foo.jsonl --settings tokenize_data.json \
+        --tokenizer results/base_models/tiny-llama \
         --output results/tokens/TOKENIZATION/foo.arrow --stats results/tokens/TOKENIZATION/foo.stats.json
 """
 import os
@@ -18,120 +11,40 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 import argparse  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
-from outputs import atomic_path, write_json  # noqa: E402
-from prompts import count_trained_tokens, encode_batch, format_segments, load_tokenizer, resolve_template  # noqa: E402
-from settings import add_settings, check_settings  # noqa: E402
-from shards import SHARD_SCHEMA  # noqa: E402
-
-
-def iter_records(path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
-
-
-def in_eval_split(record_id, fraction):
-    """Stable split by a hash of the record's content, not its position: adding
-    records never moves existing ones between train and eval."""
-    return int(record_id[:8], 16) / 0x100000000 < fraction
-
-
-def split_of(record_id, split, fraction):
-    if split != "auto":
-        return split
-    return "eval" if in_eval_split(record_id, fraction) else "train"
-
-
-def write_batch(writer, batch, encoded, counts, max_length, too_long, split, fraction):
-    """Append one batch of encoded records to the shard; return their untruncated lengths."""
-    columns = {name: [] for name in SHARD_SCHEMA.names}
-    for record, (input_ids, labels) in zip(batch, encoded):
-        if len(input_ids) > max_length:
-            counts["too_long"] += 1
-            if too_long == "drop":
-                counts["dropped_too_long"] += 1
-                continue
-            counts["truncated"] += 1
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
-        record_split = split_of(record["id"], split, fraction)
-        for name, value in zip(SHARD_SCHEMA.names, (record["id"], record_split, input_ids, labels, len(input_ids))):
-            columns[name].append(value)
-        counts[record_split] += 1
-        counts["records"] += 1
-        counts["tokens"] += len(input_ids)
-        counts["trained_tokens"] += count_trained_tokens(np.asarray(labels))
-    writer.write_batch(pa.record_batch(columns, schema=SHARD_SCHEMA))
-    return np.array([len(ids) for ids, _ in encoded], dtype=np.int32)
-
-
-class RecordError(Exception):
-    """A record the prompt template cannot format, named by its file and line."""
-
-
-def encode_or_explain(batch, tokenizer, template, train_on_inputs, source):
-    """The batch encoded, or RecordError naming the first record that cannot be (file:line: why)."""
-    try:
-        return encode_batch(batch, tokenizer, template, train_on_inputs)
-    except ValueError:
-        for record in batch:
-            try:
-                format_segments(record, tokenizer, template)
-            except ValueError as exc:
-                raise RecordError(f"{source}:{record.get('line', '?')}: {exc}") from None
-        raise
-
-
-def tokenize_file(input_path, tokenizer, template, max_length, output_path, train_on_inputs=False,
-                  too_long="truncate", split="auto", fraction=0.1, batch_size=1000, source=None):
-    """Write the shard and return its stats (counts and token-length percentiles).
-    `source` names the original data file in errors (default: input_path)."""
-    template = resolve_template(tokenizer, template)
-    batch_lengths = []
-    counts = {"records": 0, "too_long": 0, "truncated": 0, "dropped_too_long": 0, "tokens": 0, "trained_tokens": 0,
-              "train": 0, "eval": 0}
-    records = iter_records(input_path)
-    with atomic_path(output_path) as partial:
-        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, SHARD_SCHEMA) as writer:
-            while batch := list(itertools.islice(records, batch_size)):
-                encoded = encode_or_explain(batch, tokenizer, template, train_on_inputs, source or input_path)
-                batch_lengths.append(write_batch(writer, batch, encoded, counts, max_length, too_long, split,
-                                                 fraction))
-    lengths = np.concatenate(batch_lengths) if batch_lengths else np.zeros(0, dtype=np.int32)
-    p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).tolist() if len(lengths) else (0, 0, 0)
-    return {**counts, "template": template, "max_length": max_length, "too_long_policy": too_long,
-            "length_p50": p50, "length_p90": p90, "length_p99": p99, "length_max": int(lengths.max(initial=0))}
+from finetune.data.tokenization import RecordError, tokenize_file  # noqa: E402
+from finetune.data.tokenizer import load_tokenizer  # noqa: E402
+from finetune.files import write_json  # noqa: E402
+from finetune.settings import read_settings  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True, help="normalized records from validate_data.py")
+    parser.add_argument("--settings", type=Path, required=True, help="this stage's settings (JSON)")
     parser.add_argument("--tokenizer", required=True, help="local path or Hub id of the base model")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--stats", type=Path, required=True)
-    parser.add_argument("--source", default=None, help="the dataset's source (a file, a folder or hf://datasets/...), named in errors")
-    add_settings(parser, "tokenize_data")
-    return check_settings(parser.parse_args(argv), "tokenize_data")
+    parser.add_argument("--source", default=None,
+                        help="the dataset's source (a file, a folder or hf://datasets/...), named in errors")
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    tokenizer = load_tokenizer(args.tokenizer, args.chat_template, args.trust_remote_code)
+    settings = read_settings(args.settings, "tokenize_data")
+    tokenizer = load_tokenizer(args.tokenizer, settings.chat_template, settings.trust_remote_code)
     try:
-        stats = tokenize_file(args.input, tokenizer, args.template, args.max_length, args.output,
-                              args.train_on_inputs, args.too_long, args.split, args.fraction, source=args.source)
+        stats = tokenize_file(args.input, tokenizer, settings.template, settings.max_length, args.output,
+                              settings.train_on_inputs, settings.too_long, settings.split, settings.fraction,
+                              source=args.source)
     except RecordError as exc:
         sys.exit(str(exc))
     write_json(args.stats, stats)
     print(f"{args.input}: {stats['records']} records ({stats['train']} train, {stats['eval']} eval), "
-          f"{stats['tokens']} tokens, {stats['too_long']} longer than {args.max_length} "
+          f"{stats['tokens']} tokens, {stats['too_long']} longer than {settings.max_length} "
           f"({stats['truncated']} truncated, {stats['dropped_too_long']} dropped)")
 
 

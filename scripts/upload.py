@@ -5,15 +5,15 @@ The token comes from HF_TOKEN or the standard login cache
 (`huggingface-cli login`), never from the command line or the config, and is
 never printed or written anywhere. On any failure nothing is recorded.
 
-    python scripts/upload.py --folder results/runs/r8/adapter --repo-id me/r8-lora \
-        --private --revision main --output results/runs/r8/upload.json
+    python scripts/upload.py --folder results/runs/r8/adapter --settings results/runs/r8/settings/upload.json \
+        --output results/runs/r8/upload.json
 """
 import argparse
 import sys
 from pathlib import Path
 
-from outputs import write_json
-from settings import add_settings, check_settings
+from finetune.files import write_json
+from finetune.settings import read_settings
 
 
 class UploadError(Exception):
@@ -55,15 +55,16 @@ def upload(folder, repo_id, private, revision, api=None, commit_message=None):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, required=True)
+    parser.add_argument("--settings", type=Path, required=True, help="this stage's settings (JSON)")
     parser.add_argument("--output", type=Path, required=True, help="upload.json")
-    add_settings(parser, "upload")
-    return check_settings(parser.parse_args(argv), "upload")
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    settings = read_settings(args.settings, "upload")
     try:
-        record = upload(args.folder, args.repo_id, args.private, args.revision)
+        record = upload(args.folder, settings.repo_id, settings.private, settings.revision)
     except UploadError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)

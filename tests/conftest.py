@@ -1,17 +1,24 @@
+"""Fixtures shared by the tests. The stage scripts (scripts/) are importable in tests
+through pytest.ini's pythonpath; the shared code is the installed package (finetune)."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from finetune.data.validation import validate_file
+from finetune.settings import write_settings
+from finetune.tiny_model import build_tiny_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 
-from build_tiny_model import build_tiny_model  # noqa: E402
-from validate_data import validate_file  # noqa: E402
+
+def settings_args(folder, stage, **values):
+    """["--settings", path] of a settings file for `stage` written in `folder`: the values over the
+    declared defaults (the way the workflow writes a stage's share of the settings)."""
+    return ["--settings", str(write_settings(Path(folder) / f"{stage}-settings.json", stage, **values))]
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +31,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
-    from prompts import load_tokenizer
+    from finetune.data.tokenizer import load_tokenizer
     return load_tokenizer(tiny_model)
 
 
@@ -45,7 +52,7 @@ def shards(tmp_path_factory, tiny_tokenizer, example_records):
     """The example data tokenized into two shards, as the tokenize rule writes them."""
     import json
 
-    from tokenize_data import tokenize_file
+    from finetune.data.tokenization import tokenize_file
     folder = tmp_path_factory.mktemp("shards")
     paths = []
     for name, part in [("words", example_records[:200]), ("numbers", example_records[200:])]:
@@ -66,8 +73,9 @@ def trained_run(tmp_path_factory, tiny_model, shards):
     out = tmp_path_factory.mktemp("run")
     train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--output-dir", str(out / "trained"),
                 "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "train_summary.json"),
-                "--run-name", "test-run", "--r", "8", "--alpha", "16", "--learning-rate", "1e-2",
-                "--max-steps", str(TRAIN_STEPS), "--log-every", "10", "--eval-every", "30", "--precision", "fp32"])
+                "--run-name", "test-run",
+                *settings_args(out, "train", r=8, alpha=16, learning_rate=1e-2, max_steps=TRAIN_STEPS, log_every=10,
+                               eval_every=30, precision="fp32")])
     return out
 
 
@@ -76,5 +84,6 @@ def finished(tmp_path_factory):
     """The shipped default workflow, run to completion with Snakemake on a copy (slow tests only)."""
     from workflow import copy_workflow, snakemake
     workdir = copy_workflow(tmp_path_factory.mktemp("e2e") / "wf")
-    snakemake(workdir, "--cores", "2")
+    result = snakemake(workdir, "--cores", "2")
+    (workdir.parent / "snakemake-output.txt").write_text(result.stdout + result.stderr)  # beside, not in, the project
     return workdir

@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO
-from launch import first_host, launch_command
+from finetune.launch import first_host, launch_command
 
 TRAIN = str(REPO / "scripts" / "train.py")
 

@@ -6,9 +6,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evaluate
-from generation import encode_prompt
-from prompts import load_tokenizer
-from shards import read_shards
+from finetune.evaluation.generation import encode_prompt
+from finetune.data.tokenizer import load_tokenizer
+from finetune.data.shards import read_shards
 from merge import merge
 
 PROMPTS = ["Add the two numbers.", {"instruction": "Reverse the order of these words.", "input": "red blue green"}]

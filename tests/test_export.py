@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import upload as upload_script
 from conftest import REPO
 from merge import merge
-from model_card import render
+from finetune.export.model_card import render
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import hashlib
 import json
 import subprocess
 
-from manifest import build_manifest, describe_base_model, git_commit, safetensors_header_sha256, summary_rows
+from finetune.export.manifest import build_manifest, describe_base_model, git_commit, safetensors_header_sha256, summary_rows
 
 
 def git(folder, *args):

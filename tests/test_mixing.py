@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import train
-from batches import length_grouped_batches, micro_batch_indices
-from mixing import epoch_examples, epoch_shares, source_of_positions
+from finetune.data.batches import length_grouped_batches, micro_batch_indices
+from finetune.data.mixing import epoch_examples, epoch_shares, source_of_positions
 from workflow import copy_workflow, dry_run_jobs
 
 QUICK_TRAIN = ["--r", "8", "--alpha", "16", "--learning-rate", "1e-2", "--batch-size", "8", "--log-every", "10",

@@ -16,9 +16,10 @@ import evaluate
 import merge
 import train
 from model_families import FAMILIES, LLAMA2, QWEN3, build_family_model
-from prompts import IGNORE_INDEX, encode_record, fold_system_turns, load_tokenizer, stop_token_ids
-from tokenize_data import tokenize_file
-from validate_data import validate_file
+from finetune.data.prompts import IGNORE_INDEX, encode_record, fold_system_turns, stop_token_ids
+from finetune.data.tokenizer import load_tokenizer
+from finetune.data.tokenization import tokenize_file
+from finetune.data.validation import validate_file
 
 CHAT = {"format": "chat", "messages": [
     {"role": "system", "content": "Answer with one word."},

@@ -2,13 +2,16 @@
 nothing, and each kind of edit (data, code, schema, a local base model's
 weights) reruns exactly what depends on it. Checked with dry runs on copies of
 a finished project, so the edits never touch the shared one."""
+import itertools
 import json
+import re
 import shutil
 
 import pytest
 import yaml
 
-from workflow import copy_project, copy_workflow, per_run_jobs, planned_jobs, snakemake
+from conftest import REPO
+from workflow import copy_project, copy_workflow, per_run_jobs, planned_jobs, run_settings, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -49,34 +52,91 @@ def test_a_data_edit_after_the_copy_reruns_what_it_would_in_place(project):
                            *per_run(project, TRAINING + DOWNSTREAM_OF_TRAINING), "report_sweep"])
 
 
-def test_editing_evaluation_only_code_reruns_evaluation_not_training(project):
-    append(project / "scripts/metrics.py", "\n# an edit to the task metrics, which only evaluation uses\n")
-    assert planned_jobs(project) == sorted(["all", "report_sweep", *per_run(project, DOWNSTREAM_OF_TRAINING)])
+def docs_examples():
+    """(edit, what reruns) of each row of the examples table in docs/reruns.md."""
+    table = (REPO / "docs" / "reruns.md").read_text().split("## Examples", 1)[1]
+    rows = [line.strip().strip("|").split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    return [(edit.strip(), reruns.strip()) for edit, reruns in rows[1:] if not set(edit) <= set("-")]
 
 
-def test_editing_code_that_training_imports_retrains(project):
-    append(project / "scripts/checkpoints.py", "\n# an edit to checkpointing\n")
-    assert planned_jobs(project) == sorted(
-        ["all", "report_sweep", PRETRAINING, *per_run(project, TRAINING + DOWNSTREAM_OF_TRAINING)]), \
-        "pretraining runs the training script too"
+def set_key(path, dotted, text):
+    """Set a dotted key (runs.lora-r16.r) of a YAML file to a YAML value."""
+    document = yaml.safe_load(path.read_text())
+    *parents, key = dotted.split(".")
+    node = document
+    for parent in parents:
+        node = node.setdefault(parent, {})
+    node[key] = yaml.safe_load(text)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
 
 
-def test_editing_code_no_rule_depends_on_reruns_nothing(project):
-    append(project / "scripts/gpu_pool.py", "\n# the GPU pool assigns devices; it changes no result\n")
-    append(project / "scripts/make_example_data.py", "\n# regenerates data/ by hand\n")
-    assert planned_jobs(project) == []
+def perform(project, edit):
+    """Make the edit a row of docs/reruns.md names (a config or schema key, a data file, a code file)."""
+    target = re.search(r"`([^`]+)`", edit).group(1)
+    if edit.endswith(("in the config", "in the schema")):
+        file = "config/config.yaml" if edit.endswith("in the config") else "schemas/config.schema.yaml"
+        set_key(project / file, *target.split(": ", 1))
+    elif target.endswith(".jsonl"):
+        record = {"instruction": "What is the first word?", "input": "List: lemon kiwi",
+                  "output": "The first word is lemon."}
+        append(project / target, json.dumps(record) + "\n")
+    else:
+        append(project / target, "\n# an edit\n")
 
 
-def test_schema_help_edits_rerun_nothing_and_default_edits_rerun_their_stage(project):
-    schema_path = project / "schemas/config.schema.yaml"
-    schema = yaml.safe_load(schema_path.read_text())
-    schema["$defs"]["run"]["properties"]["weight_decay"]["description"] = "reworded help"
-    schema_path.write_text(yaml.safe_dump(schema, sort_keys=False))
-    assert planned_jobs(project) == []
-    schema["$defs"]["run"]["properties"]["weight_decay"]["default"] = 0.01
-    schema_path.write_text(yaml.safe_dump(schema, sort_keys=False))
-    assert planned_jobs(project) == sorted(
-        ["all", "report_sweep", PRETRAINING, *per_run(project, TRAINING + DOWNSTREAM_OF_TRAINING)])
+def expected_jobs(project, reruns):
+    """The jobs a row's 'what reruns' names: `rule` (or `stage.json`, a settings file) of a run, a
+    dataset, a base model, or of every one of them; a rule without a scope is the rule's one job."""
+    config = yaml.safe_load((project / "config/config.yaml").read_text())
+    runs = run_settings(project)
+    samplers = [run for run, settings in runs.items() if settings.get("sample_every") and config["eval"]["prompts"]]
+    tokenizations = {dataset: sorted(shard.parent.name for shard in (project / "results/tokens").glob(f"*/{dataset}.arrow"))
+                     for dataset in config["datasets"]}
+    scopes = {"every run": ("run", list(runs)), "every run that samples": ("run", samplers),
+              "every dataset": ("dataset", list(config["datasets"]))}
+    scopes.update({name: ("run", [name]) for name in runs})
+    scopes.update({name: ("dataset", [name]) for name in config["datasets"]})
+    scopes.update({name: ("model", [name]) for name in config["base_models"]})
+    jobs = set()
+    for group in ([] if reruns == "nothing" else reruns.split("; ")):
+        names, scope = re.findall(r"`([^`]+)`", group), group.split(" of ", 1)[1] if " of " in group else None
+        kind, subjects = scopes[scope] if scope else (None, [None])
+        for name, subject in itertools.product(names, subjects):
+            if kind == "run" and name.endswith(".json"):
+                jobs.add(f"run_settings[run={subject}]" if name == "settings.json"
+                         else f"settings[subject=runs/{subject}, stage={name[:-5]}]")
+            elif kind == "run":
+                jobs.update(job for job in per_run_jobs(project, [name]) if f"[run={subject}" in job)
+            elif kind == "dataset" and name == "tokenize":
+                jobs.update(f"tokenize[tokenization={t}, dataset={subject}]" for t in tokenizations[subject])
+            elif kind == "dataset":
+                jobs.add(f"{name}[dataset={subject}]")
+            elif kind == "model":
+                jobs.add(f"settings[subject=pretrain/{subject}, stage={name[:-5]}]" if name.endswith(".json")
+                         else f"{name}[model={subject}]")
+            else:
+                jobs.add(name)
+    return sorted(jobs | {"all"}) if jobs else []
+
+
+def test_each_rerun_example_in_the_docs_is_what_snakemake_plans(finished, tmp_path):
+    """Every row of docs/reruns.md's examples: the edit on a copy of the finished default project
+    plans exactly the jobs the row names (each edit undone before the next)."""
+    examples = docs_examples()
+    assert len(examples) >= 15
+    project = copy_project(finished, tmp_path / "project")
+    files = [project / "config/config.yaml", project / "schemas/config.schema.yaml"]
+    for edit, reruns in examples:
+        target = re.search(r"`([^`]+)`", edit).group(1)
+        touched = files + ([project / target] if (project / target).is_file() else [])
+        originals = {path: path.read_bytes() for path in touched}
+        perform(project, edit)
+        try:
+            assert planned_jobs(project) == expected_jobs(project, reruns), edit
+        finally:
+            for path, content in originals.items():
+                path.write_bytes(content)
+    assert planned_jobs(project) == [], "every edit undone"
 
 
 LOCAL_MODEL_CONFIG = """
@@ -117,7 +177,8 @@ def test_replacing_a_local_base_models_weights_reruns_what_used_them(local_model
     save_file(tensors, weights, metadata={"format": "pt"})
     assert planned_jobs(project) == sorted(["all", "report_sweep", "train[run=r4]", "evaluate[run=r4]",
                                             "export[run=r4, published=adapter]", "merge[run=r4]",
-                                            "report_run[run=r4]", "manifest[run=r4]"])
+                                            "export[run=r4, published=merged]", "report_run[run=r4]",
+                                            "manifest[run=r4]"])
 
 
 def test_editing_a_local_base_models_tokenizer_retokenizes(local_model_project, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import evaluate
 import merge
 import train
-from model_card import render
+from finetune.export.model_card import render
 from workflow import copy_workflow, snakemake
 
 CONFIGURATION = '''from transformers import LlamaConfig

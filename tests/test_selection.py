@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import train
 
-from selection import new_record, note_evaluation, stop_reason
+from finetune.training.selection import new_record, note_evaluation, stop_reason
 from test_train_resume_and_scale import env, kill_after_checkpoint, train_args
 
 TRAIN = [sys.executable, str(__import__("conftest").REPO / "scripts" / "train.py")]

@@ -105,7 +105,7 @@ def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, 
 
     # An edit to code only evaluation imports (data edits are covered by dry runs elsewhere; every SLURM job
     # costs seconds of polling here): evaluation and what follows it are resubmitted, training is not.
-    metrics = workdir / "scripts/metrics.py"
+    metrics = workdir / "finetune/evaluation/metrics.py"
     metrics.write_text(metrics.read_text() + "\n# an edit to the task metrics\n")
     stale = snakemake(workdir, "-n", *args, env=cluster.env).stdout
     stale_jobs = len(re.findall(r"^rule (?!all:)\w+:$", stale, flags=re.M))
@@ -131,7 +131,7 @@ runs:
 
 def test_a_run_over_two_nodes_is_one_slurm_job_with_a_launcher_on_each_node(tmp_path, cluster):
     """nodes: 2 becomes one sbatch job over both nodes of the test cluster; srun starts
-    scripts/launch.py on each, and they meet at the first node (CPU here: gloo). Both nodes
+    finetune/launch.py on each, and they meet at the first node (CPU here: gloo). Both nodes
     are this machine under names that do not resolve, hence MASTER_ADDR (the launcher's
     override of the first host of SLURM_JOB_NODELIST, which is tested on its own)."""
     workdir = copy_workflow(tmp_path / "wf")

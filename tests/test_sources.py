@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from test_sweeps import create_outputs
-from validate_data import DataError, validate_file
+from finetune.data.validation import DataError, validate_file
 from workflow import copy_workflow, dry_run_jobs, planned_jobs, snakemake
 
 RECORDS = [

@@ -1,5 +1,6 @@
 """Grids of runs in the config (`sweeps:`): names, validation, runs that behave exactly like
 hand-listed ones, and edits to a grid that touch only the runs they change."""
+import json
 import re
 
 import pytest
@@ -34,8 +35,8 @@ def test_a_grid_expands_into_one_run_per_combination_named_after_its_values(work
     swept = sorted(name for name in commands if name.startswith("lr-rank"))
     assert swept == sorted(f"lr-rank-r{r}-learning_rate{lr}" for r in (8, 16, 32) for lr in ("0.0001", "0.0002"))
     assert {"lora-r16", "full"} <= set(commands), "hand-listed runs stay"
-    assert "--r 32 " in commands["lr-rank-r32-learning_rate0.0002"]
-    assert "--learning-rate 0.0002 " in commands["lr-rank-r32-learning_rate0.0002"]
+    train = settings_of(workdir, "lr-rank-r32-learning_rate0.0002", "train")
+    assert (train["r"], train["learning_rate"], train["lr_scheduler"]) == (32, 0.0002, "constant_with_warmup")
 
 
 def test_an_expanded_run_is_exactly_the_hand_listed_run_with_the_same_settings(workdir):
@@ -44,6 +45,8 @@ def test_an_expanded_run_is_exactly_the_hand_listed_run_with_the_same_settings(w
     commands = train_commands(workdir, *configure(workdir, by_hand))
     swept = commands["lr-rank-r16-learning_rate0.0001"].replace("lr-rank-r16-learning_rate0.0001", "NAME")
     assert swept == commands["by-hand"].replace("by-hand", "NAME")
+    for stage in ("train", "evaluate", "merge", "export"):
+        assert settings_of(workdir, "lr-rank-r16-learning_rate0.0001", stage) == settings_of(workdir, "by-hand", stage)
 
 
 def test_changing_one_grid_value_plans_only_the_runs_it_touches(workdir):
@@ -61,7 +64,16 @@ def test_changing_one_grid_value_plans_only_the_runs_it_touches(workdir):
     assert after["g-r4"] == before["g-r4"], "the run the edit does not touch keeps its exact command"
     assert planned_jobs(workdir, *args) == sorted([
         "all", "report_sweep", "train[run=g-r16]", "evaluate[run=g-r16]", "export[run=g-r16, published=adapter]",
-        "merge[run=g-r16]", "report_run[run=g-r16]", "manifest[run=g-r16]"])
+        "merge[run=g-r16]", "export[run=g-r16, published=merged]", "report_run[run=g-r16]", "manifest[run=g-r16]",
+        "run_settings[run=g-r16]",
+        *(f"settings[subject=runs/g-r16, stage={stage}]" for stage in ("train", "evaluate", "merge", "export"))])
+
+
+def settings_of(workdir, run, stage):
+    """The settings file of a run's stage, as the workflow writes it (its job runs here: it is local and quick)."""
+    path = f"results/runs/{run}/settings/{stage}.json"
+    snakemake(workdir, path, "--cores", "1", "--configfile", "sweep.yaml")
+    return json.loads((workdir / path).read_text())
 
 
 def without_runs(config_text):
@@ -77,7 +89,7 @@ def create_outputs(workdir, dry_run):
     paths = [p.strip() for line in re.findall(r"^\s+output: (.*)$", dry_run, flags=re.M) for p in line.split(",")]
     for path in paths:
         target = workdir / path
-        if re.search(r"(base_models/[^/]+|/trained|/tensorboard|/adapter|/model|/merged|/init)$", path):
+        if re.search(r"(base_models/[^/]+|/trained|/tensorboard|/adapter|/model|/merged|/merged_weights|/init)$", path):
             target.mkdir(parents=True, exist_ok=True)
             (target / "placeholder").write_text("x")
         else:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import train
-import training_log
+from finetune.training import log as training_log
 
 QUICK = ["--r", "8", "--alpha", "16", "--learning-rate", "1e-2", "--max-steps", "12", "--log-every", "4",
          "--eval-every", "8", "--precision", "fp32"]

@@ -5,10 +5,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import adapters
+from finetune.training import adapters
 import train
-from batches import length_grouped_batches
-from models import load_base_model
+from finetune.data.batches import length_grouped_batches
+from finetune.models import load_base_model
 from conftest import TRAIN_STEPS
 
 
@@ -75,6 +75,6 @@ def test_nan_loss_stops_the_run_without_writing_an_adapter(tmp_path, tiny_model,
 
 
 def test_precision_auto_is_fp32_on_cpu():
-    from models import resolve_precision
+    from finetune.models import resolve_precision
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"

@@ -7,12 +7,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import adapters
+from finetune.training import adapters
 import train
-from batches import pack_batch, pad_batch
-from models import load_base_model
-from prompts import count_trained_tokens
-from shards import read_shards
+from finetune.data.batches import pack_batch, pad_batch
+from finetune.models import load_base_model
+from finetune.data.prompts import count_trained_tokens
+from finetune.data.shards import read_shards
 
 
 def run_train(tmp_path, tiny_model, shards, *extra, name="run"):
@@ -187,7 +187,7 @@ def test_samples_over_training_go_to_jsonl_and_tensorboard(tmp_path, tiny_model,
 
 def test_samples_survive_a_resume(tmp_path, tiny_model, shards):
     """A rerun that resumes from a checkpoint writes the samples made before the kill again."""
-    import checkpoints
+    from finetune.training import checkpoints
     prompts = json.dumps(["What is the first word?"])
     common = ["--max-steps", "8", "--sample-every", "2", "--prompts", prompts, "--max-new-tokens", "2",
               "--samples", str(tmp_path / "samples.jsonl"), "--checkpoint-dir", str(tmp_path / "ckpt"),

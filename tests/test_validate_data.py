@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from validate_data import DataError, validate_file
+from finetune.data.validation import DataError, validate_file
 
 GOOD = {"instruction": "Add the two numbers.", "input": "1 and 2", "output": "3"}
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

@@ -20,6 +20,20 @@ def test_lint_is_clean(workdir):
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 
 
+def test_rules_are_formatted_as_snakefmt_writes_them():
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+    snakefmt = shutil.which("snakefmt", path=str(Path(sys.executable).parent))
+    if snakefmt is None:
+        pytest.skip("snakefmt is not installed (pip install -r requirements-test.txt)")
+    result = subprocess.run([snakefmt, "--check", "Snakefile", "rules"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_default_dag_has_one_training_job_per_run_and_shared_shards(workdir):
     jobs = planned_jobs(workdir)
     runs = yaml.safe_load((workdir / "config" / "config.yaml").read_text())["runs"]
@@ -27,8 +41,9 @@ def test_default_dag_has_one_training_job_per_run_and_shared_shards(workdir):
     assert [j for j in jobs if j.startswith("train[")] == sorted(f"train[run={r}]" for r in runs)
     tokenize = [j for j in jobs if j.startswith("tokenize[")]
     assert len(tokenize) == 2, "both runs share one tokenization of each task dataset"
-    for rule, count in [("validate", 3), ("dataset_stats", 3), ("evaluate", 2), ("report_run", 2), ("export", 2)]:
+    for rule, count in [("validate", 3), ("dataset_stats", 3), ("evaluate", 2), ("report_run", 2), ("export", 3)]:
         assert sum(j.startswith(f"{rule}[") for j in jobs) == count, rule
+    assert "export[run=lora-r16, published=merged]" in jobs, "the merged model is published with its card too"
     assert [j for j in jobs if j.startswith("merge[")] == ["merge[run=lora-r16]"], "a full run has nothing to merge"
     for job in ("build_tiny_model[model=tiny-llama]", "tokenize_corpus[model=tiny-llama]", "pretrain[model=tiny-llama]"):
         assert job in jobs
@@ -68,6 +83,9 @@ def test_default_dag_has_one_training_job_per_run_and_shared_shards(workdir):
     ("sweeps:\n  s: {base: {r: 8}, grid: {r: [4]}}\n", "sweep 's': 'r' is set in both base and grid"),
     ("sweeps:\n  s: {base: {rank: 8}, grid: {r: [4]}}\n", "sweep 's': base key 'rank' is not a run setting"),
     ("sweeps:\n  s: {grid: {r: [0, 8]}}\n", "0 is less than the minimum of 1"),
+    ("base_models:\n  llama: {name_or_path: meta-llama/Llama-3.2-1B-Instruct}\nruns:\n  lora-r16:\n"
+     "    base_model: llama\n", "base model 'llama': meta-llama/Llama-3.2-1B-Instruct is not in the local Hugging Face "
+     "cache, and the Hub cannot be reached offline (HF_HUB_OFFLINE is set). Download it where there is a network"),
 ])
 def test_bad_config_fails_before_any_job_and_names_the_key(workdir, override, message):
     result = snakemake(workdir, "-n", *write_config(workdir, override), check=False)
@@ -92,7 +110,9 @@ def test_runs_that_change_max_length_get_their_own_shards(workdir):
 
 @pytest.mark.parametrize("example", ["llama-3.2-1b-sweep.yaml"])
 def test_example_configs_are_valid_on_their_own(workdir, example):
-    jobs = planned_jobs(workdir, "--configfile", f"config/{example}", "--replace-workflow-config")
+    """Online (its Hub model is not in this machine's cache: offline it stops, see the bad-config table)."""
+    jobs = planned_jobs(workdir, "--configfile", f"config/{example}", "--replace-workflow-config",
+                        env={"HF_HUB_OFFLINE": "0"})
     runs = yaml.safe_load((workdir / "config" / example).read_text())["runs"]
     assert sorted(j for j in jobs if j.startswith("train[")) == sorted(f"train[run={r}]" for r in runs)
     assert not any(j.startswith("build_tiny_model") for j in jobs)
@@ -106,7 +126,7 @@ def test_bad_data_stops_the_workflow_at_validation_with_file_line_and_field(work
     result = snakemake(workdir, "--cores", "1", "results/data/number_tasks.jsonl", check=False)
     assert result.returncode != 0
     assert "data/number_tasks.jsonl:5: field 'output': expected string, got null" in result.stdout + result.stderr
-    assert not list((workdir / "results" / "data").glob("number_tasks*"))
+    assert not list((workdir / "results" / "data").glob("number_tasks.*")), "no output of its validation"
 
 
 def test_missing_data_file_is_named_before_any_job_runs(workdir):

@@ -2,6 +2,8 @@
 workflow: the pretrained tiny base, a LoRA run and a full fine-tune, held to
 the quality bar; then the incremental-rerun guarantees checked by dry runs."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workflow import QUICK_CONFIG, per_run_jobs, planned_jobs, run_settings, snakemake
+from conftest import REPO
+from workflow import per_run_jobs, planned_jobs, run_settings, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +35,36 @@ def test_the_default_sweep_meets_the_quality_bar(finished):
         assert result["base"]["exact_match"] <= 0.05, result["base"]
         assert result["generated_for"] == result["eval_records"] >= 150 and result["eval_tokens"] >= 1000
         assert set(result["tuned"]["exact_match_by_task"]) >= {"first_word", "last_word", "count_words", "larger"}
+
+
+def printed_figures(text):
+    """The lines a finished workflow prints last: 'Held-out exact match ...' and one line per run."""
+    lines = text.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("Held-out exact match"))
+    return [lines[start]] + [line for line in lines[start + 1:] if line.startswith("  ")]
+
+
+def on_the_reference_machine():
+    """The machine type whose figures the README quotes (docs/demo.md): AMD family 25, AVX-512."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return ("AuthenticAMD" in cpuinfo and re.search(r"^cpu family\s*: 25$", cpuinfo, flags=re.M) is not None
+            and torch.backends.cpu.get_cpu_capability() == "AVX512")
+
+
+def test_the_readme_quotes_what_the_default_run_printed(finished):
+    """On the reference machine type the README's demo lines are exactly what the run printed; on
+    another x86 CPU each run's exact match lies in the range docs/demo.md measured over kernel paths."""
+    readme = (REPO / "README.md").read_text().split("<!-- demo figures", 1)[1].split("```")[1]
+    quoted, printed = printed_figures(readme), printed_figures((finished.parent / "snakemake-output.txt").read_text())
+    if on_the_reference_machine():
+        assert printed == quoted
+        return
+    table = (REPO / "docs/demo.md").read_text().split("| kernel path |", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[2:4] for line in table.splitlines()[2:]]
+    for column, run in enumerate(("lora-r16", "full")):
+        values = [float(row[column]) for row in rows]
+        exact = float(re.search(rf"^  {run}: ([0-9.]+)", "\n".join(printed), flags=re.M).group(1))
+        assert min(values) - 0.03 <= exact <= max(values) + 0.03, (run, exact, values)
 
 
 def test_pretraining_is_a_cached_stage_that_every_run_shares(finished):
@@ -146,7 +179,9 @@ def test_incremental_reruns(finished):
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     assert planned_jobs(finished) == sorted(["all", "report_sweep", "train[run=lora-r16]", "evaluate[run=lora-r16]",
                                              "export[run=lora-r16, published=adapter]", "merge[run=lora-r16]",
-                                             "report_run[run=lora-r16]", "manifest[run=lora-r16]"])
+                                             "export[run=lora-r16, published=merged]", "report_run[run=lora-r16]",
+                                             "manifest[run=lora-r16]", "settings[subject=runs/lora-r16, stage=train]",
+                                             "run_settings[run=lora-r16]"])
     config_path.write_text(config_text)
 
 
@@ -231,8 +266,8 @@ def test_a_broken_label_mask_makes_exact_match_fall(finished, tmp_path, monkeypa
 
     import evaluate
     import train
-    from prompts import IGNORE_INDEX
-    from shards import SHARD_SCHEMA
+    from finetune.data.prompts import IGNORE_INDEX
+    from finetune.data.shards import SHARD_SCHEMA
     shards = sorted((finished / "results/tokens").glob("*/*.arrow"))
     broken = []
     for shard in shards:

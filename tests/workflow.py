@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOW_PARTS = ["Snakefile", "rules", "scripts", "schemas", "config", "data", "envs", "profiles"]
+WORKFLOW_PARTS = ["Snakefile", "rules", "scripts", "finetune", "schemas", "config", "data", "envs", "profiles",
+                  "pyproject.toml"]
 # Over the default config: the whole workflow in well under a minute, for tests of its mechanics, not its quality.
 QUICK_CONFIG = ("base_models:\n  tiny-llama:\n    build_tiny:\n      pretrain: {max_steps: 20}\n"
                 "run_defaults:\n  max_steps: 30\n  eval_every: 0\n  sample_every: 0\neval:\n  num_samples: 4\n")
@@ -86,9 +87,11 @@ def per_run_jobs(workdir, rules):
     jobs = []
     for run, settings in run_settings(workdir).items():
         full = settings.get("method") == "full"
+        merges = not (full or settings.get("merge") is False)
         for rule in rules:
             if rule == "export":
                 jobs.append(f"export[run={run}, published={'model' if full else 'adapter'}]")
-            elif rule != "merge" or not (full or settings.get("merge") is False):
+                jobs += [f"export[run={run}, published=merged]"] if merges else []
+            elif rule != "merge" or merges:
                 jobs.append(f"{rule}[run={run}]")
     return jobs

@@ -1,0 +1,239 @@
+"""The workflow's configuration, resolved before any job is scheduled (rules/common.smk
+calls these in order):
+
+1. `expand_sweeps`: each grid of `sweeps:` becomes runs named {sweep}-{key}{value}-...;
+2. `merge_run_defaults`: each run is run_defaults updated with its own keys;
+3. `check_before_defaults`: what validation would hide once it fills in defaults;
+4. (the Snakefile validates the config against the schema, filling in defaults);
+5. `resolve_runs`: each run's base model and datasets, and the cross-references and
+   combinations a schema cannot express;
+6. `check_base_models`, `check_fused_experts` and `check_hub_token`: what the machine
+   must have (a local folder, a cached Hub model when offline, a token for uploads) and
+   whether peft can train what a run targets in a mixture of experts.
+
+Every problem is a ValueError that names the run, sweep, base model or dataset.
+"""
+import itertools
+import json
+import os
+import re
+
+from finetune.settings import run_conflicts
+
+HUB_DATASET_PREFIX = "hf://datasets/"  # a dataset path with it is a Hub dataset (data/sources.py reads it)
+
+
+def sweep_value_name(value):
+    """A grid value as it appears in a run name: 0.0002, 16, true, all-linear, q_proj_v_proj."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return format(value, "g")
+    if isinstance(value, (list, tuple)):
+        return "_".join(map(sweep_value_name, value))
+    if isinstance(value, dict):
+        return "_".join(f"{key}{sweep_value_name(item)}" for key, item in value.items())
+    return str(value)
+
+
+def grid_runs(sweep, spec):
+    """[(run name, its grid values)] of one sweep, every combination in the grid's key order."""
+    grid = (spec or {}).get("grid") or {}
+    runs = []
+    for combination in itertools.product(*grid.values()):
+        values = dict(zip(grid, combination))
+        name = "-".join([sweep] + [f"{key}{sweep_value_name(value)}" for key, value in values.items()])
+        runs.append((re.sub(r"[^A-Za-z0-9_.-]", "_", name), values))
+    return runs
+
+
+def check_sweep(sweep, spec, run_settings):
+    base, grid = (spec or {}).get("base") or {}, (spec or {}).get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"sweep '{sweep}': grid is empty; give at least one run setting and its values")
+    for key, values in grid.items():
+        if key not in run_settings:
+            raise ValueError(f"sweep '{sweep}': grid key '{key}' is not a run setting "
+                             f"(run settings: {', '.join(run_settings)})")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"sweep '{sweep}': grid key '{key}' has no values (give a non-empty list)")
+        if key in base:
+            raise ValueError(f"sweep '{sweep}': '{key}' is set in both base and grid; keep one")
+    for key in base:
+        if key not in run_settings:
+            raise ValueError(f"sweep '{sweep}': base key '{key}' is not a run setting")
+
+
+def expand_sweeps(config, run_settings):
+    """Add each sweep's runs to config['runs'] (run_defaults < base < grid values); {sweep: {run: values}}."""
+    sweeps = config.get("sweeps") or {}
+    if not isinstance(sweeps, dict):
+        raise ValueError("sweeps: expected a mapping of sweep names to {base, grid}")
+    config["runs"] = dict(config.get("runs") or {})
+    expanded = {}
+    for sweep, spec in sweeps.items():
+        check_sweep(sweep, spec, run_settings)
+        expanded[sweep] = {}
+        for name, values in grid_runs(sweep, spec):
+            if name in config["runs"]:
+                owner = next((s for s, runs in expanded.items() if name in runs), None)
+                raise ValueError(f"sweep '{sweep}': its run '{name}' ({values}) collides with "
+                                 + (f"a run of sweep '{owner}'" if owner else "a run listed under runs"))
+            config["runs"][name] = {**(spec.get("base") or {}), **values}
+            expanded[sweep][name] = values
+    return expanded
+
+
+def merge_run_defaults(config):
+    defaults = config.get("run_defaults") or {}
+    for name, run in (config.get("runs") or {}).items():
+        config["runs"][name] = {**defaults, **(run or {})}
+
+
+def check_before_defaults(config):
+    """Settings that do not apply, caught before validation fills in their defaults."""
+    for name, run in (config.get("runs") or {}).items():
+        if run.get("method") == "full" and run.get("merge"):
+            raise ValueError(f"run '{name}': merge does not apply to method full (its trained folder is a whole "
+                             "model already); remove merge or set it to false")
+        weights = run["datasets"] if isinstance(run.get("datasets"), dict) else {}
+        for dataset, weight in weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+                raise ValueError(f"run '{name}': datasets: the weight of '{dataset}' must be a number > 0, "
+                                 f"got {weight!r} (leave a dataset out to not train on it)")
+    for model, spec in (config.get("base_models") or {}).items():
+        pretrain = ((spec or {}).get("build_tiny") or {}).get("pretrain") or {}
+        if pretrain.get("method", "full") != "full":
+            raise ValueError(f"base model '{model}': pretraining is always method full, not {pretrain['method']}")
+        for key in ("base_model", "datasets", "merge", "hub"):
+            if key in pretrain:
+                raise ValueError(f"base model '{model}': build_tiny.pretrain.{key} does not apply to pretraining")
+
+
+def pretraining_corpora(config):
+    corpora = set()
+    for model, spec in config["base_models"].items():
+        if "build_tiny" in spec:
+            corpus = spec["build_tiny"]["corpus"]
+            if corpus not in config["datasets"]:
+                raise ValueError(f"base model '{model}': build_tiny.corpus '{corpus}' is not a dataset "
+                                 f"(configured: {', '.join(config['datasets'])})")
+            corpora.add(corpus)
+    return corpora
+
+
+def resolve_runs(config):
+    """Fill in each run's base model and datasets, and check what they refer to and how they combine."""
+    names = {"base model": config["base_models"], "dataset": config["datasets"]}
+    corpora = pretraining_corpora(config)
+    for name, run in config["runs"].items():
+        if "base_model" not in run:
+            if len(config["base_models"]) != 1:
+                raise ValueError(f"run '{name}': set base_model (one of {', '.join(config['base_models'])})")
+            run["base_model"] = next(iter(config["base_models"]))
+        run.setdefault("datasets", [dataset for dataset in config["datasets"] if dataset not in corpora])
+        for kind, value in [("base model", run["base_model"])] + [("dataset", d) for d in run["datasets"]]:
+            if value not in names[kind]:
+                raise ValueError(f"run '{name}': unknown {kind} '{value}' (configured: {', '.join(names[kind])})")
+        if run["method"] == "full":
+            run["merge"] = False
+        problems = run_conflicts(run) + hub_target_problems(run)
+        if problems:
+            raise ValueError(f"run '{name}': " + "; ".join(problems))
+
+
+def hub_target_problems(run):
+    """What a run uploads: its adapter (or merged model), or for method full its model."""
+    if not run.get("hub"):
+        return []
+    hub = run["hub"]
+    hub.setdefault("what", "model" if run["method"] == "full" else "adapter")
+    allowed = ["model"] if run["method"] == "full" else ["adapter", "merged"]
+    if hub["what"] not in allowed:
+        return [f"hub.what '{hub['what']}' does not fit method {run['method']} (use {' or '.join(allowed)})"]
+    if hub["what"] == "merged" and not run["merge"]:
+        return ["hub.what is 'merged' but merge is false"]
+    return []
+
+
+def hub_offline():
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_base_models(config):
+    """Each base model a run uses can be loaded here: a local folder exists (and may run its own code
+    only when allowed); a Hub id is in the local cache when the Hub is offline."""
+    used = {run["base_model"] for run in config["runs"].values()}
+    for model, spec in config["base_models"].items():
+        path = os.path.expanduser(spec.get("name_or_path", ""))
+        if "build_tiny" in spec:
+            continue
+        if os.path.isabs(path) or path.startswith(os.curdir) or os.path.isdir(path):
+            if not os.path.isdir(path):
+                raise ValueError(f"base model '{model}': name_or_path {path} is not a directory")
+            check_remote_code(model, spec, path)
+        elif model in used and hub_offline() and not hub_config_file(path):
+            raise ValueError(
+                f"base model '{model}': {path} is not in the local Hugging Face cache, and the Hub cannot be "
+                f"reached offline (HF_HUB_OFFLINE is set). Download it where there is a network "
+                f"(`hf download {path}` fills the cache), or copy the model to a folder and set this base "
+                f"model's name_or_path to that folder")
+
+
+def hub_config_file(model_id):
+    """The config.json of a Hub model in the local cache, or None (nothing is downloaded)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(model_id, "config.json")
+    return path if isinstance(path, str) else None
+
+
+def check_fused_experts(config):
+    """A run whose adapter reaches the fused experts of a mixture-of-experts base model must be able to
+    train them (training/experts.py); checked where the model's config.json is here (a local folder, the
+    cache), else by the training job before it loads any weights."""
+    for name, run in config["runs"].items():
+        spec = config["base_models"][run["base_model"]]
+        if run["method"] not in ("lora", "qlora", "dora") or "build_tiny" in spec:
+            continue
+        path = os.path.expanduser(spec["name_or_path"])
+        config_file = os.path.join(path, "config.json") if os.path.isdir(path) else hub_config_file(path)
+        if not config_file or not os.path.isfile(config_file):
+            continue
+        from finetune.training.experts import fused_expert_problem, is_mixture_of_experts
+
+        if not is_mixture_of_experts(config_file):
+            continue
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(os.path.dirname(config_file),
+                                                  trust_remote_code=spec.get("trust_remote_code", False))
+        problem = fused_expert_problem(model_config, run["method"], run["target_modules"], run["dropout"])
+        if problem:
+            raise ValueError(f"run '{name}': {problem}")
+
+
+def check_remote_code(model, spec, path):
+    """A local model folder that ships its own code (an auto_map) needs trust_remote_code."""
+    if spec.get("trust_remote_code"):
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                if json.load(f).get("auto_map"):
+                    raise ValueError(f"base model '{model}': {path} runs its own Python code (auto_map in {name}), "
+                                     "not code from transformers; read it, then set trust_remote_code: true on "
+                                     "this base model to allow it")
+
+
+def check_hub_token(config):
+    """Fail before any job when an upload is configured and no token could authorize it."""
+    uploading = [name for name, run in config["runs"].items() if run.get("hub")]
+    if not uploading:
+        return
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        raise ValueError(f"run(s) {', '.join(uploading)} upload to the Hugging Face Hub, but no token is available: "
+                         "set HF_TOKEN or run `huggingface-cli login` (a token is never read from the config)")

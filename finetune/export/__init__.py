@@ -1,0 +1,1 @@
+"""Export: the run manifest and model cards."""

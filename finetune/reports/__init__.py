@@ -1,0 +1,1 @@
+"""Reports: the HTML pages of runs and sweeps."""

@@ -1,0 +1,187 @@
+# What the rules look up by wildcards: a run's settings, shards, base model and code,
+# a dataset's source, a stage's settings file, how a training job starts and what it
+# asks of the scheduler. Uses config.smk, paths.smk and code.smk; the rule files use it.
+from finetune.settings import share, stages
+
+SETTINGS_STAGES = "|".join(stages(SCHEMA))  # the stages that read a settings file
+
+
+def run_of(wildcards):
+    return RUNS[wildcards.run]
+
+
+def run_shards(wildcards):
+    return shards(wildcards.run)
+
+
+def run_base_model(wildcards):
+    return base_model_path(run_of(wildcards)["base_model"])
+
+
+def run_base_model_files(wildcards):
+    return base_model_files(run_of(wildcards)["base_model"])
+
+
+def normalized_records(wildcards):
+    return [f"results/data/{dataset}.jsonl" for dataset in run_datasets(wildcards.run)]
+
+
+def run_stats(wildcards):
+    return [f"results/data/{dataset}.stats.json" for dataset in run_datasets(wildcards.run)]
+
+
+def uploaded_folder(wildcards):
+    return f"results/runs/{wildcards.run}/{run_of(wildcards)['hub']['what']}"
+
+
+def dataset_source(wildcards):
+    return config["datasets"][wildcards.dataset]["path"]
+
+
+def dataset_source_files(wildcards):
+    return dataset_files(wildcards.dataset)
+
+
+def tokenizer_files(wildcards):
+    return base_model_files(TOKENIZATIONS[wildcards.tokenization]["base_model"], tokenizer_only=True)
+
+
+def tokenizer_of(wildcards):
+    return tokenizer_path(TOKENIZATIONS[wildcards.tokenization]["base_model"])
+
+
+def tokenization_stats(wildcards):
+    return token_stats(wildcards.dataset)
+
+
+def corpus_records(wildcards):
+    return f"results/data/{corpus(wildcards.model)}.jsonl"
+
+
+def corpus_source(wildcards):
+    return config["datasets"][corpus(wildcards.model)]["path"]
+
+
+def samples(run):
+    """Whether a run answers the eval prompts during training."""
+    return bool(run.get("sample_every") and config["eval"]["prompts"])
+
+
+def training_code(wildcards):
+    """train.py's code; the code that answers prompts during training only for runs that do."""
+    return code_of("train", leave_out=() if samples(run_of(wildcards)) else SAMPLING)
+
+
+def launcher(gpus, nodes=1):
+    """How the training script starts: one process per GPU (python, or accelerate for several;
+    finetune/launch.py); a run over several nodes starts one launcher per node (srun)."""
+    command = f"python -m finetune.launch --processes {gpus} --nodes {nodes} --"
+    return f"srun --nodes {nodes} --ntasks-per-node 1 --kill-on-bad-exit=1 {command}" if nodes > 1 else command
+
+
+def training_resources(name):
+    """A training job's resource `name`. On one node: `gpu` GPUs (bounded by --resources gpu=N).
+    Over several nodes (SLURM): that many nodes with `gpus` each (gres is per node), one task
+    per node, and the job's own srun (the mpi resource) instead of the executor's."""
+
+    def resource(wildcards):
+        run = run_of(wildcards)
+        if run["nodes"] == 1:
+            return {"gpu": run["gpus"]}.get(name)
+        several = {"nodes": run["nodes"], "gres": f"gpu:{run['gpus']}", "tasks": run["nodes"], "tasks_per_gpu": 0}
+        return {**several, "mpi": "srun"}.get(name)
+
+    return resource
+
+
+def pretraining_gpus(wildcards):
+    return pretraining(wildcards.model)["gpus"]
+
+
+def evaluation_gpus(wildcards):
+    return min(run_of(wildcards)["gpus"], 1)
+
+
+def reported(path, category, caption, figure, per_run=False):
+    """An output shown in `snakemake --report`, under its category (and its run), with its caption."""
+    labels = {"run": "{run}", "figure": figure} if per_run else {"figure": figure}
+    subcategory = "{run}" if per_run else None
+    return report(path, category=category, subcategory=subcategory, caption=f"captions/{caption}.rst", labels=labels)
+
+
+def run_sections(run):
+    """The config objects a run's stages take their settings from."""
+    return {
+        "run": run,
+        "hub": run.get("hub") or {},
+        "base_model": config["base_models"][run["base_model"]],
+        "eval": config["eval"],
+        "model_card": config["model_card"],
+    }
+
+
+def settings_sections(subject):
+    """The config objects of a settings folder: runs/{run}, pretrain/{model}, data/{dataset},
+    tokens/{tokenization}/{dataset} or report."""
+    kind, _, name = subject.partition("/")
+    if kind == "runs":
+        return run_sections(RUNS[name])
+    if kind == "pretrain":
+        model = config["base_models"][name]
+        return {
+            **run_sections(pretraining(name)),
+            "build_tiny": model["build_tiny"],
+            "dataset": config["datasets"][corpus(name)],
+        }
+    if kind == "data":
+        return {"dataset": config["datasets"][name]}
+    if kind == "tokens":
+        tokenization, dataset = name.split("/")
+        return {**run_sections(TOKENIZATIONS[tokenization]), "dataset": config["datasets"][dataset]}
+    return {"config": config}
+
+
+def stage_settings(wildcards):
+    """A stage's share of the settings, as the text of its settings file. Training takes the eval
+    section's settings only to answer prompts during training: a run that does not (pretraining
+    never does) gets their defaults, so that editing them does not retrain it."""
+    sections = settings_sections(wildcards.subject)
+    if wildcards.stage == "train" and not samples(sections["run"]):
+        sections["eval"] = {}
+    return json.dumps(share(wildcards.stage, SCHEMA, **sections), indent=1)
+
+
+def run_settings_text(wildcards):
+    """A run's resolved settings, in the config's order (the order of its datasets is that of its shards)."""
+    return json.dumps(run_of(wildcards), indent=1)
+
+
+def write_text(path, text, log):
+    """Write a (settings) file, and say so in the job's log."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(f"{text}\n")
+    Path(log).write_text(f"wrote {path}\n")
+
+
+def print_exact_match(evaluation):
+    """What a finished workflow prints last: each run's held-out exact match, overall and per task,
+    beside its base model's (the full tables are in the reports). evaluation: eval.json's path pattern."""
+    lines, records = [], set()
+    for name in RUNS:
+        path = evaluation.format(run=name)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            result = json.load(f)
+        tuned, base = result["tuned"], result["base"]
+        if tuned.get("exact_match") is None:
+            continue
+        records.add(result["eval_records"])
+        tasks = ", ".join(f"{task} {value:.2f}" for task, value in tuned.get("exact_match_by_task", {}).items())
+        lines.append(
+            f"  {name}: {tuned['exact_match']:.3f} (base {base['exact_match']:.3f})"
+            + (f"; per task: {tasks}" if tasks else "")
+        )
+    if lines:
+        sizes = "/".join(map(str, sorted(records)))
+        print(f"Held-out exact match ({sizes} records; results/report/sweep.html has the tables):", *lines, sep="\n")

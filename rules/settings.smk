@@ -1,0 +1,34 @@
+# Settings files. Every stage reads its settings from a file of its own: its share of the
+# settings (the ones the schema declares for its script, x-script), resolved, in
+# {folder}/settings/{stage}.json beside what it writes. One small local job writes each
+# file from that share, given as its parameter: a changed setting changes the parameter
+# of the files that hold it, so it rewrites those and reruns their stages (and what
+# depends on their outputs), and no other. results/runs/{run}/settings.json holds all of
+# a run's settings (for the manifest and the reports).
+
+
+rule settings:
+    output:
+        "results/{subject}/settings/{stage}.json",
+    log:
+        "results/logs/settings/{subject}/{stage}.log",
+    wildcard_constraints:
+        subject=r"(runs|pretrain|data)/[^/]+|tokens/[^/]+/[^/]+|report",
+        stage=SETTINGS_STAGES,
+    localrule: True
+    params:
+        settings=stage_settings,
+    run:
+        write_text(output[0], params.settings, log[0])
+
+
+rule run_settings:
+    output:
+        "results/runs/{run}/settings.json",
+    log:
+        "results/logs/run_settings/{run}.log",
+    localrule: True
+    params:
+        settings=run_settings_text,
+    run:
+        write_text(output[0], params.settings, log[0])
