@@ -1,4 +1,4 @@
-"""The workflow's configuration, resolved before any job is scheduled (rules/common.smk
+"""The workflow's configuration, resolved before any job is scheduled (rules/config.smk
 calls these in order):
 
 1. `expand_sweeps`: each grid of `sweeps:` becomes runs named {sweep}-{key}{value}-...;
@@ -13,38 +13,13 @@ calls these in order):
 
 Every problem is a ValueError that names the run, sweep, base model or dataset.
 """
-import itertools
 import json
 import os
-import re
 
 from finetune.settings import run_conflicts
+from finetune.sweeps import grid_runs
 
 HUB_DATASET_PREFIX = "hf://datasets/"  # a dataset path with it is a Hub dataset (data/sources.py reads it)
-
-
-def sweep_value_name(value):
-    """A grid value as it appears in a run name: 0.0002, 16, true, all-linear, q_proj_v_proj."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float)):
-        return format(value, "g")
-    if isinstance(value, (list, tuple)):
-        return "_".join(map(sweep_value_name, value))
-    if isinstance(value, dict):
-        return "_".join(f"{key}{sweep_value_name(item)}" for key, item in value.items())
-    return str(value)
-
-
-def grid_runs(sweep, spec):
-    """[(run name, its grid values)] of one sweep, every combination in the grid's key order."""
-    grid = (spec or {}).get("grid") or {}
-    runs = []
-    for combination in itertools.product(*grid.values()):
-        values = dict(zip(grid, combination))
-        name = "-".join([sweep] + [f"{key}{sweep_value_name(value)}" for key, value in values.items()])
-        runs.append((re.sub(r"[^A-Za-z0-9_.-]", "_", name), values))
-    return runs
 
 
 def check_sweep(sweep, spec, run_settings):

@@ -8,7 +8,7 @@ it, held by the command's process until it exits (a crash or `kill -9`
 releases it too). Under SLURM the job's devices are SLURM's business: the
 command runs as it is.
 
-    python scripts/gpu_pool.py --gpus 1 -- python scripts/train.py ...
+    python -m finetune.gpu_pool --gpus 1 -- python scripts/train.py ...
 
 The lock files live in --lock-dir, by default $SNAKEMAKE_GPU_LOCK_DIR or
 /tmp/snakemake-gpu-locks, shared by every workflow on the machine.

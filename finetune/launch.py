@@ -2,8 +2,8 @@
 process, `accelerate launch` for several; for a run over several nodes, one
 launcher per node, all meeting at the first node of the SLURM job.
 
-    python scripts/launch.py --processes 4 -- scripts/train.py --base-model ...
-    srun --nodes 2 --ntasks-per-node 1 python scripts/launch.py --processes 8 --nodes 2 -- scripts/train.py ...
+    python -m finetune.launch --processes 4 -- scripts/train.py --settings ...
+    srun --nodes 2 --ntasks-per-node 1 python -m finetune.launch --processes 8 --nodes 2 -- scripts/train.py ...
 
 Over several nodes everything comes from SLURM's environment: this node's rank
 (SLURM_NODEID), the meeting host (the first host of SLURM_JOB_NODELIST) and the
@@ -40,7 +40,7 @@ def rendezvous(nodes, environ):
     missing = [name for name in ("SLURM_JOB_ID", "SLURM_NODEID", "SLURM_JOB_NODELIST") if name not in environ]
     if missing:
         raise SystemExit(f"a run over {nodes} nodes starts one launcher per node under SLURM (srun), which sets "
-                         f"{', '.join(missing)}; submit the workflow with a SLURM profile (see README: several nodes)")
+                         f"{', '.join(missing)}; submit the workflow with a SLURM profile (see docs/slurm.md: several nodes)")
     if "SLURM_NNODES" in environ and int(environ["SLURM_NNODES"]) != nodes:
         raise SystemExit(f"the run asks for {nodes} nodes but this SLURM job step has {environ['SLURM_NNODES']}")
     host = environ.get("MASTER_ADDR") or first_host(environ["SLURM_JOB_NODELIST"])

@@ -3,13 +3,11 @@ initialization, a byte-level BPE tokenizer trained on the text of a corpus of re
 a chat template, and distinct bos/eos/pad tokens. It is saved with save_pretrained, so every
 later stage loads it through the same from_pretrained path as a real model; the workflow then
 pretrains it on the same corpus (the train stage, method full)."""
-import json
-
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from finetune.files import save_pretrained_atomically
+from finetune.files import read_jsonl, save_pretrained_atomically
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -33,14 +31,13 @@ CHAT_TEMPLATE = (
 def record_texts(paths):
     """The text of every record in JSONL files of any format (completion, alpaca or chat)."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for record in map(json.loads, f):
-                if "text" in record:
-                    yield record["text"]
-                elif "messages" in record:
-                    yield "\n".join(message["content"] for message in record["messages"])
-                else:
-                    yield "\n".join(record.get(field, "") for field in ("instruction", "input", "output"))
+        for record in read_jsonl(path):
+            if "text" in record:
+                yield record["text"]
+            elif "messages" in record:
+                yield "\n".join(message["content"] for message in record["messages"])
+            else:
+                yield "\n".join(record.get(field, "") for field in ("instruction", "input", "output"))
 
 
 def train_tokenizer(corpus_files, vocab_size):

@@ -5,15 +5,14 @@ tokenizations (token-length percentiles, truncation counts) into one file.
         --tokenized results/tokens/TOKENIZATION/foo.stats.json --output results/data/foo.stats.json
 """
 import argparse
-import json
 from pathlib import Path
 
-from finetune.files import write_json
+from finetune.files import read_json, write_json
 
 
 def combine(validation_path, tokenized_paths):
-    stats = json.loads(Path(validation_path).read_text())
-    stats["tokenized"] = {Path(p).parent.name: json.loads(Path(p).read_text()) for p in tokenized_paths}
+    stats = read_json(validation_path)
+    stats["tokenized"] = {Path(p).parent.name: read_json(p) for p in tokenized_paths}
     return stats
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import matplotlib
 
-from finetune.config import grid_runs
 from finetune.files import read_json, read_jsonl
 from finetune.reports.html import image, page, table
 from finetune.settings import read_settings
+from finetune.sweeps import grid_runs
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -1,6 +1,7 @@
 """The shipped default config, run end to end with Snakemake on a copy of the
 workflow: the pretrained tiny base, a LoRA run and a full fine-tune, held to
 the quality bar; then the incremental-rerun guarantees checked by dry runs."""
+import itertools
 import json
 import re
 from pathlib import Path
@@ -41,7 +42,8 @@ def printed_figures(text):
     """The lines a finished workflow prints last: 'Held-out exact match ...' and one line per run."""
     lines = text.splitlines()
     start = max(i for i, line in enumerate(lines) if line.startswith("Held-out exact match"))
-    return [lines[start]] + [line for line in lines[start + 1:] if line.startswith("  ")]
+    runs = list(itertools.takewhile(lambda line: line.startswith("  ") and "(base " in line, lines[start + 1:]))
+    return [lines[start]] + runs
 
 
 def on_the_reference_machine():

@@ -9,20 +9,13 @@ Records are read, tokenized (one batched fast-tokenizer call per batch, on all c
 written batch by batch to an Arrow IPC stream; memory stays bounded for any file size.
 """
 import itertools
-import json
 
 import numpy as np
 import pyarrow as pa
 
 from finetune.data.prompts import count_trained_tokens, encode_batch, format_segments, resolve_template
 from finetune.data.shards import SHARD_SCHEMA
-from finetune.files import atomic_path
-
-
-def iter_records(path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+from finetune.files import atomic_path, read_jsonl
 
 
 def in_eval_split(record_id, fraction):
@@ -84,7 +77,7 @@ def tokenize_file(input_path, tokenizer, template, max_length, output_path, trai
     batch_lengths = []
     counts = {"records": 0, "too_long": 0, "truncated": 0, "dropped_too_long": 0, "tokens": 0, "trained_tokens": 0,
               "train": 0, "eval": 0}
-    records = iter_records(input_path)
+    records = read_jsonl(input_path)
     with atomic_path(output_path) as partial:
         with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, SHARD_SCHEMA) as writer:
             while batch := list(itertools.islice(records, batch_size)):

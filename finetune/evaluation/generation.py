@@ -1,11 +1,10 @@
 """Generating answers for evaluation: generation prompts formatted exactly like
 the training prefix, the records to generate for (configured prompts and a
 fixed sample of held-out records), and batched, seeded, left-padded decoding."""
-import json
-
 import torch
 
 from finetune.data.prompts import adds_bos, as_messages, assemble, format_segments
+from finetune.files import read_jsonl
 
 
 def completion_halves(text):
@@ -65,8 +64,7 @@ def heldout_records(record_files, heldout_ids, count):
     """The first `count` held-out records, in a stable order (by id)."""
     wanted, records = set(sorted(heldout_ids)[:count]), {}
     for path in record_files:
-        with open(path, encoding="utf-8") as f:
-            records.update((r["id"], r) for r in map(json.loads, f) if r["id"] in wanted)
+        records.update((r["id"], r) for r in read_jsonl(path) if r["id"] in wanted)
     return [records[record_id] for record_id in sorted(records)]
 
 
