@@ -21,8 +21,11 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ["Snakefile", "rules", "scripts", "schemas", "config", "data", "envs", "profiles"]
-DIRECTORY_OUTPUT = re.compile(r"(base_models/[^/]+|/trained|/tensorboard|/adapter|/merged)$")
+PARTS = ["Snakefile", "rules", "scripts", "finetune", "schemas", "config", "data", "envs", "profiles", "pyproject.toml"]
+# The rules' directory() outputs: base models, a tiny model's init, trained weights, TensorBoard events,
+# merged weights and the published folders (adapter, merged, model).
+DIRECTORY_OUTPUT = re.compile(r"(base_models/[^/]+|/init|/trained|/tensorboard|/merged_weights|/adapter|/merged"
+                              r"|/model)$")
 
 
 def sweep_config(runs):
@@ -79,7 +82,10 @@ def main():
     workdir = Path(tempfile.mkdtemp(prefix="dag-bench-"))
     for part in PARTS:
         source = REPO / part
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, workdir / part)
+        if source.is_dir():
+            shutil.copytree(source, workdir / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, workdir / part)
     config = grid_config(args.runs) if args.grid else sweep_config(args.runs)
     (workdir / "config" / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     config = ["--configfile", "config/sweep.yaml", "--replace-workflow-config"]

@@ -25,30 +25,36 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-
 from finetune.data.shards import SHARD_SCHEMA  # noqa: E402
+from finetune.settings import write_settings  # noqa: E402
 
-# Runs train.py in a child process: with --baseline, read_shards is the old list-building reader.
+REPO = Path(__file__).resolve().parent.parent
+
+# Runs train.py in a child process (scripts/ on its PYTHONPATH): with baseline, read_shards (which
+# training's setup calls) is the old list-building reader.
 CHILD = r"""
 import json, resource, sys, time
 started = time.perf_counter()
-sys.path.insert(0, sys.argv[1])
 import train
 from finetune.data import shards
-if sys.argv[2] == "baseline":
+from finetune.training import setup
+if sys.argv[1] == "baseline":
     def read_lists(paths, split):
-        examples = []
+        examples, sizes = [], []
         for path in paths:
             with shards.pa.memory_map(str(path)) as source:
                 table = shards.pa.ipc.open_stream(source).read_all()
             table = table.filter(shards.pa.compute.equal(table["split"], split))
             examples += [{"id": i, "input_ids": x, "labels": y} for i, x, y in
                          zip(table["id"].to_pylist(), table["input_ids"].to_pylist(), table["labels"].to_pylist())]
-        return examples
+            sizes.append(len(table))
+        return Lists(examples, sizes)
 
     class Lists(list):
+        def __init__(self, examples, sizes):
+            super().__init__(examples)
+            self.sizes = sizes  # examples of each shard, end to end
+
         def __getitem__(self, key):
             if isinstance(key, list):
                 return [list.__getitem__(self, i) for i in key]
@@ -58,7 +64,7 @@ if sys.argv[2] == "baseline":
         def lengths(self):
             return [len(e["input_ids"]) for e in self]
 
-    train.read_shards = lambda paths, split: Lists(read_lists(paths, split))
+    setup.read_shards = read_lists
 first_step = {}
 original = train.train_step
 def timed(run, step):
@@ -66,7 +72,7 @@ def timed(run, step):
     first_step.setdefault("s", time.perf_counter() - started)
     return result
 train.train_step = timed
-train.main(sys.argv[3:])
+train.main(sys.argv[2:])
 print(json.dumps({"first_step_s": first_step["s"], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -91,11 +97,14 @@ def write_shard(path, records, vocab, seed=0):
 
 def measure(model, shard, work, baseline):
     out = work / ("baseline" if baseline else "stream")
-    command = [sys.executable, "-c", CHILD, str(REPO / "scripts"), "baseline" if baseline else "stream",
+    settings = write_settings(work / "train-settings.json", "train", max_steps=1, batch_size=8, checkpoint_every=0,
+                              eval_every=0)
+    command = [sys.executable, "-c", CHILD, "baseline" if baseline else "stream", "--settings", str(settings),
                "--base-model", str(model), "--shards", str(shard), "--output-dir", str(out / "trained"),
-               "--metrics", str(out / "m.jsonl"), "--summary", str(out / "s.json"), "--max-steps", "1",
-               "--batch-size", "8", "--checkpoint-every", "0", "--eval-every", "0", "--threads", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+               "--metrics", str(out / "m.jsonl"), "--summary", str(out / "s.json"), "--threads", "2"]
+    scripts = os.pathsep.join(filter(None, [str(REPO / "scripts"), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(command, capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": scripts})
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

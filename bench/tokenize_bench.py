@@ -25,14 +25,14 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-
-from finetune.tiny_model import build_tiny_model  # noqa: E402
-from finetune.data.prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX, load_tokenizer  # noqa: E402
-from finetune.data.tokenizer import 
+from finetune.data.prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX  # noqa: E402
 from finetune.data.tokenization import tokenize_file  # noqa: E402
+from finetune.data.tokenizer import load_tokenizer  # noqa: E402
 from finetune.data.validation import validate_file  # noqa: E402
+from finetune.settings import write_settings  # noqa: E402
+from finetune.tiny_model import build_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 CORPUS = REPO / "data" / "pretrain_corpus.jsonl"
 WORDS = [word for line in CORPUS.read_text().splitlines() for word in json.loads(line)["text"].split()]
@@ -107,9 +107,11 @@ def baseline(raw_path, tokenizer, cache_dir, function, batched):
 
 
 def peak_rss_of_stage(records_path, model_dir, out_dir):
-    """Peak RSS (MiB) of the tokenize stage's CLI, as Snakemake runs it."""
+    """Peak RSS (MiB) of the tokenize stage's CLI, as Snakemake runs it (with its settings file)."""
+    settings = write_settings(out_dir / "tokenize_data.json", "tokenize_data", template="alpaca",
+                              max_length=MAX_LENGTH)
     command = [sys.executable, str(REPO / "scripts" / "tokenize_data.py"), "--input", str(records_path),
-               "--tokenizer", str(model_dir), "--template", "alpaca", "--max-length", str(MAX_LENGTH),
+               "--settings", str(settings), "--tokenizer", str(model_dir),
                "--output", str(out_dir / "big.arrow"), "--stats", str(out_dir / "big.stats.json")]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)

@@ -35,8 +35,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "bench"))
 
 MAX_LENGTH = 1024
 SIZES = {  # build_tiny_model's shape arguments
@@ -55,17 +53,19 @@ def attention(args):
     """flash_attention_2 on a GPU where flash-attn is installed, else sdpa."""
     import importlib.util
     return "flash_attention_2" if args.gpu and args.device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 METHODS = ["this workflow", "(a) seed: Trainer, padding=max_length", "(b) Trainer, dynamic padding, group_by_length",
            "(c) TRL SFTTrainer packing (default, bfd)", "(c) TRL SFTTrainer packing wrapped"]
 
 
 def prepare(work, records, size):
     """The model (random init, of the given size), synthetic records, and this workflow's shard of them."""
-    from finetune.tiny_model import build_tiny_model
-    from finetune.data.tokenizer import load_tokenizer
-    from tokenize_bench import write_synthetic
     from finetune.data.tokenization import tokenize_file
+    from finetune.data.tokenizer import load_tokenizer
     from finetune.data.validation import validate_file
+    from finetune.tiny_model import build_tiny_model
+    from tokenize_bench import write_synthetic  # bench/, this script's folder
     model = build_tiny_model([REPO / "data" / "pretrain_corpus.jsonl"], work / "tiny", **SIZES[size])
     write_synthetic(work / "raw.jsonl", records)
     validate_file(work / "raw.jsonl", work / "records.jsonl", work / "rejected.jsonl")
@@ -106,13 +106,15 @@ def worker(method, args, work):
     import torch
     torch.set_num_threads(args.threads)
     if method == "this workflow":
+        from finetune.settings import write_settings
         out = work / "ours"
-        subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--base-model", str(work / "tiny"),
-                        "--shards", str(work / "shard.arrow"), "--output-dir", str(out / "trained"),
-                        "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
-                        "--max-steps", str(args.steps), "--batch-size", "8", "--learning-rate", str(args.lr),
-                        "--lr-scheduler", "constant_with_warmup", "--warmup-ratio", "0", "--log-every", "1",
-                        "--threads", str(args.threads), "--seed", "0", *our_model_flags(args)],
+        settings = write_settings(work / "ours-train.json", "train", max_steps=args.steps, batch_size=8,
+                                  learning_rate=args.lr, lr_scheduler="constant_with_warmup", warmup_ratio=0,
+                                  log_every=1, seed=0, **our_model_settings(args))
+        subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--settings", str(settings),
+                        "--base-model", str(work / "tiny"), "--shards", str(work / "shard.arrow"),
+                        "--output-dir", str(out / "trained"), "--metrics", str(out / "metrics.jsonl"),
+                        "--summary", str(out / "summary.json"), "--threads", str(args.threads)],
                        check=True, capture_output=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"} if args.gpu
                        and args.device == "cuda" else None)
         summary = json.loads((out / "summary.json").read_text())
@@ -127,9 +129,8 @@ def worker(method, args, work):
                               Trainer, TrainingArguments)
 
     from finetune.data.prompts import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
-
-    from finetune.data.tokenizer import load_tokenizer
     from finetune.data.shards import read_shards
+    from finetune.data.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(work / "tiny")
     records = [json.loads(line) for line in (work / "records.jsonl").read_text().splitlines()]
     prompts = [(ALPACA_PROMPT_WITH_INPUT if r["input"] else ALPACA_PROMPT).format(**r) for r in records]
@@ -170,11 +171,10 @@ def worker(method, args, work):
             "losses": losses}
 
 
-def our_model_flags(args):
+def our_model_settings(args):
     if not args.gpu:
-        return ["--precision", "fp32"]
-    return ["--precision", "bf16", "--attn-implementation", attention(args), "--r", "16", "--alpha", "32",
-            "--target-modules", "all-linear"]
+        return dict(precision="fp32")
+    return dict(precision="bf16", attn_implementation=attention(args), r=16, alpha=32, target_modules="all-linear")
 
 
 def parameter_count(model_dir):

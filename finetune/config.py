@@ -181,9 +181,9 @@ def check_fused_experts(config):
             continue
         from transformers import AutoConfig
 
-        model_config = AutoConfig.from_pretrained(os.path.dirname(config_file),
-                                                  trust_remote_code=spec.get("trust_remote_code", False))
-        problem = fused_expert_problem(model_config, run["method"], run["target_modules"], run["dropout"])
+        trust = spec.get("trust_remote_code", False)
+        model_config = AutoConfig.from_pretrained(os.path.dirname(config_file), trust_remote_code=trust)
+        problem = fused_expert_problem(model_config, run["method"], run["target_modules"], run["dropout"], trust)
         if problem:
             raise ValueError(f"run '{name}': {problem}")
 

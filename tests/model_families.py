@@ -102,6 +102,14 @@ FAMILIES = {
                         ["<|im_start|>"], CHATML, False, "<|im_end|>",
                         {**SMALL, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                          "shared_expert_intermediate_size": 64, "tie_word_embeddings": True}),
+    # Experts stored as fused 3-D parameters in transformers 5 (peft adapts them through ParamWrapper).
+    "mixtral": Family("MixtralConfig", dict(bos="<s>", eos="</s>", pad=None, unk="<unk>"), ["[INST]", "[/INST]"],
+                      MISTRAL, True, "</s>", {**SMALL, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                               "sliding_window": None}),
+    "qwen3_moe": Family("Qwen3MoeConfig", dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None),
+                        ["<|im_start|>"], CHATML, False, "<|im_end|>",
+                        {**SMALL, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                         "decoder_sparse_step": 1, "mlp_only_layers": [], "head_dim": 16, "tie_word_embeddings": True}),
 }
 
 

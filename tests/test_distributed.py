@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO
+from conftest import REPO, settings_args
 from finetune.launch import first_host, launch_command
 
 TRAIN = str(REPO / "scripts" / "train.py")
@@ -28,11 +28,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def train_args(tiny_model, shards, out, *extra):
+def train_args(tiny_model, shards, out, *paths, **settings):
+    """train.py's arguments: `paths` (more path flags) and a settings file of `settings` over fp32, learning rate
+    5e-3, log_every 10 and dropout 0, written beside `out` (in settings/{out's name})."""
+    settings = {"precision": "fp32", "learning_rate": 5e-3, "log_every": 10, "dropout": 0.0, **settings}
     return ["--base-model", str(tiny_model), "--shards", *map(str, shards), "--output-dir", str(out / "trained"),
             "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"), "--run-name", "dist",
-            "--precision", "fp32", "--learning-rate", "5e-3", "--log-every", "10", "--threads", "1",
-            "--dropout", "0", *extra]
+            "--threads", "1", *paths, *settings_args(out.parent / "settings" / out.name, "train", **settings)]
 
 
 def env(**extra):
@@ -50,14 +52,14 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-SAME_GLOBAL_BATCH = ["--max-steps", "30", "--batch-size", "4", "--eval-every", "30", "--target-modules", "all-linear"]
+SAME_GLOBAL_BATCH = {"max_steps": 30, "batch_size": 4, "eval_every": 30, "target_modules": "all-linear"}
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_model, shards):
     """One process accumulating 2 micro-batches: the same global batch as 2 processes with 1 each."""
     out = tmp_path_factory.mktemp("single")
-    subprocess.run([sys.executable, TRAIN, *train_args(tiny_model, shards, out, *SAME_GLOBAL_BATCH, "--grad-accum", "2")],
+    subprocess.run([sys.executable, TRAIN, *train_args(tiny_model, shards, out, **SAME_GLOBAL_BATCH, grad_accum=2)],
                    env=env(), check=True, capture_output=True)
     return out
 
@@ -72,7 +74,7 @@ def assert_same_learning(one, two):
 
 def test_fsdp_on_two_processes_learns_what_one_process_learns(tmp_path, tiny_model, single, shards):
     sharded = tmp_path / "fsdp"
-    result = launch(2, *train_args(tiny_model, shards, sharded, *SAME_GLOBAL_BATCH, "--distributed", "fsdp"))
+    result = launch(2, *train_args(tiny_model, shards, sharded, **SAME_GLOBAL_BATCH, distributed="fsdp"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es), FSDP" in result.stdout + result.stderr
     assert_same_learning(single, sharded)
@@ -119,13 +121,12 @@ def kill_after_checkpoint(command, checkpoints, min_step, timeout=240):
 
 
 def test_killed_fsdp_run_resumes_from_its_sharded_checkpoint(tmp_path, tiny_model, shards):
-    steps = ["--max-steps", "80", "--batch-size", "4", "--eval-every", "80", "--distributed", "fsdp"]
+    steps = {"max_steps": 80, "batch_size": 4, "eval_every": 80, "distributed": "fsdp"}
     straight = tmp_path / "straight"
-    assert launch(2, *train_args(tiny_model, shards, straight, *steps)).returncode == 0
+    assert launch(2, *train_args(tiny_model, shards, straight, **steps)).returncode == 0
 
     resumed, checkpoints = tmp_path / "resumed", tmp_path / "checkpoints"
-    args = train_args(tiny_model, shards, resumed, *steps, "--checkpoint-every", "10",
-                      "--checkpoint-dir", str(checkpoints))
+    args = train_args(tiny_model, shards, resumed, "--checkpoint-dir", str(checkpoints), **steps, checkpoint_every=10)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), TRAIN, *args]
@@ -142,12 +143,12 @@ def test_killed_fsdp_run_resumes_from_its_sharded_checkpoint(tmp_path, tiny_mode
 
 
 def test_two_nodes_meet_over_loopback_and_train_as_one_run(tmp_path, tiny_model, single, shards):
-    """What srun starts on each node of a 2-node SLURM job: scripts/launch.py, reading its node
+    """What srun starts on each node of a 2-node SLURM job: python -m finetune.launch, reading its node
     rank, the node list and the job id from SLURM's environment. Here both nodes are this
     machine (one process each), meeting at 127.0.0.1."""
     out = tmp_path / "two-nodes"
-    command = [sys.executable, str(REPO / "scripts" / "launch.py"), "--processes", "1", "--nodes", "2", "--", TRAIN,
-               *train_args(tiny_model, shards, out, *SAME_GLOBAL_BATCH, "--distributed", "fsdp")]
+    command = [sys.executable, "-m", "finetune.launch", "--processes", "1", "--nodes", "2", "--", TRAIN,
+               *train_args(tiny_model, shards, out, **SAME_GLOBAL_BATCH, distributed="fsdp")]
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_NNODES": "2",
              "MASTER_PORT": str(free_port())}
     nodes = [subprocess.Popen(command, env=env(**slurm, SLURM_NODEID=str(rank)), stdout=subprocess.PIPE,
@@ -160,15 +161,14 @@ def test_two_nodes_meet_over_loopback_and_train_as_one_run(tmp_path, tiny_model,
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "trained")
 
 
-@pytest.mark.parametrize("method", [["--method", "dora", "--gradient-checkpointing", "--precision", "bf16"],
-                                    ["--method", "full"], ["--method", "qlora"]])
+@pytest.mark.parametrize("method", [{"method": "dora", "gradient_checkpointing": True, "precision": "bf16"},
+                                    {"method": "full"}, {"method": "qlora"}], ids=["dora", "full", "qlora"])
 def test_every_method_trains_sharded_and_saves_what_ddp_saves(tmp_path, tiny_model, shards, method):
     """FSDP under each method, with samples (generated by both processes together) and checkpoints."""
     out = tmp_path / "run"
-    args = train_args(tiny_model, shards, out, "--max-steps", "20", "--batch-size", "4", "--distributed", "fsdp",
-                      "--checkpoint-every", "10", "--checkpoint-dir", str(tmp_path / "checkpoints"),
-                      "--sample-every", "10", "--prompts", '["What is the first word? List: a b"]',
-                      "--samples", str(out / "samples.jsonl"), *method)
+    args = train_args(tiny_model, shards, out, "--checkpoint-dir", str(tmp_path / "checkpoints"),
+                      "--samples", str(out / "samples.jsonl"), max_steps=20, batch_size=4, distributed="fsdp",
+                      checkpoint_every=10, sample_every=10, prompts=["What is the first word? List: a b"], **method)
     result = launch(2, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es), FSDP" in result.stdout + result.stderr
@@ -177,9 +177,9 @@ def test_every_method_trains_sharded_and_saves_what_ddp_saves(tmp_path, tiny_mod
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [row["step"] for row in samples] == [10, 20]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["quantization"] == ("4bit" if "qlora" in method else "none")
+    assert summary["quantization"] == ("4bit" if method["method"] == "qlora" else "none")
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    if "full" in method:
+    if method["method"] == "full":
         tuned = AutoModelForCausalLM.from_pretrained(out / "trained")
         assert tuned.state_dict().keys() == base.state_dict().keys()
         assert not torch.equal(tuned.model.layers[1].mlp.down_proj.weight, base.model.layers[1].mlp.down_proj.weight)

@@ -1,4 +1,3 @@
-import json
 import math
 
 import torch
@@ -6,9 +5,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import evaluate
-from finetune.evaluation.generation import encode_prompt
-from finetune.data.tokenizer import load_tokenizer
+from conftest import settings_args
 from finetune.data.shards import read_shards
+from finetune.data.tokenizer import load_tokenizer
+from finetune.evaluation.generation import encode_prompt, generate
+from finetune.evaluation.metrics import task_metrics
+from finetune.settings import read_settings
 from merge import merge
 
 PROMPTS = ["Add the two numbers.", {"instruction": "Reverse the order of these words.", "input": "red blue green"}]
@@ -20,9 +22,10 @@ def run_evaluate(tiny_model, trained_run, shards, tmp_path, num_samples=4):
     args = evaluate.parse_args([
         "--base-model", str(tiny_model), "--trained-dir", str(trained_run / "trained"), "--shards", *map(str, shards),
         "--records", str(records), "--eval-json", str(tmp_path / "eval.json"), "--generations", str(tmp_path / "g.jsonl"),
-        "--run-name", "test-run", "--prompts", json.dumps(PROMPTS), "--num-samples", str(num_samples),
-        "--max-new-tokens", "8", "--batch-size", "3"])
-    return evaluate.evaluate(args)
+        "--run-name", "test-run",
+        *settings_args(tmp_path, "evaluate", prompts=PROMPTS, num_samples=num_samples, max_new_tokens=8,
+                       batch_size=3)])
+    return evaluate.evaluate(args, read_settings(args.settings, "evaluate"))
 
 
 def test_eval_reports_base_and_tuned_side_by_side(tiny_model, trained_run, shards, tmp_path):
@@ -39,11 +42,11 @@ def test_eval_reports_base_and_tuned_side_by_side(tiny_model, trained_run, shard
 
 
 def test_task_metrics_against_known_values():
-    perfect = evaluate.task_metrics(["green blue red", "forty-two"], ["green blue red", "forty-two"])
+    perfect = task_metrics(["green blue red", "forty-two"], ["green blue red", "forty-two"])
     assert perfect["exact_match"] == 1.0 and perfect["rouge_l"] == 1.0 and perfect["chrf"] == 100.0
-    half = evaluate.task_metrics(["green blue red", "seven"], ["green blue red", "forty-two"])
+    half = task_metrics(["green blue red", "seven"], ["green blue red", "forty-two"])
     assert half["exact_match"] == 0.5 and 0.4 < half["rouge_l"] < 0.6
-    partial = evaluate.task_metrics(["red blue"], ["red green blue"])
+    partial = task_metrics(["red blue"], ["red green blue"])
     assert partial["rouge_l"] == 0.8 and partial["exact_match"] == 0.0
 
 
@@ -60,8 +63,8 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_model, trained_r
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_run / "trained")
     prompts = [tokenizer(text).input_ids for text in ["Add", "Sort these words alphabetically. red blue"]]
     settings = dict(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=0, stop_ids=[tokenizer.eos_token_id])
-    batched = evaluate.generate(model, tokenizer, prompts, batch_size=2, **settings)
-    single = [evaluate.generate(model, tokenizer, [p], batch_size=1, **settings)[0] for p in prompts]
+    batched = generate(model, tokenizer, prompts, batch_size=2, **settings)
+    single = [generate(model, tokenizer, [p], batch_size=1, **settings)[0] for p in prompts]
     assert batched == single
 
 
@@ -84,14 +87,14 @@ def test_merged_model_matches_adapter_logits_and_loads_without_peft(tiny_model, 
 
 
 def test_a_leading_reasoning_block_is_not_part_of_the_scored_answer():
-    scores = evaluate.task_metrics(["<think>\n\n</think>\n\nThe first word is tiger.", "<think>tiger?</think> tiger",
+    scores = task_metrics(["<think>\n\n</think>\n\nThe first word is tiger.", "<think>tiger?</think> tiger",
                            "tiger <think>x</think>"], ["The first word is tiger.", "tiger", "tiger"])
     assert scores["exact_match"] == 2 / 3
 
 
 def test_exact_match_per_task_kind():
-    result = evaluate.task_metrics(["The first word is red.", "wrong", "There are two words."],
-                                   ["The first word is red.", "The first word is sky.", "There are two words."],
-                                   ["first_word", "first_word", "count_words"])
+    result = task_metrics(["The first word is red.", "wrong", "There are two words."],
+                          ["The first word is red.", "The first word is sky.", "There are two words."],
+                          ["first_word", "first_word", "count_words"])
     assert result["exact_match_by_task"] == {"count_words": 1.0, "first_word": 0.5}
     assert result["exact_match"] == 2 / 3

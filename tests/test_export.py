@@ -1,4 +1,5 @@
 """Export: merged models equal to base+adapter, model cards from the run's files, and uploads."""
+import json
 import os
 import socket
 import subprocess
@@ -10,10 +11,11 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+import export
 import upload as upload_script
-from conftest import REPO
-from merge import merge
+from conftest import REPO, settings_args
 from finetune.export.model_card import render
+from merge import merge
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +23,9 @@ def qlora_run(tmp_path_factory, tiny_model, shards):
     import train
     out = tmp_path_factory.mktemp("qlora")
     train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--output-dir", str(out / "trained"),
-                "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"), "--method", "qlora",
-                "--max-steps", "20", "--learning-rate", "1e-2", "--target-modules", "all-linear", "--precision",
-                "fp32"])
+                "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
+                *settings_args(out, "train", method="qlora", max_steps=20, learning_rate=1e-2,
+                               target_modules="all-linear", precision="fp32")])
     return out
 
 
@@ -137,7 +139,8 @@ def test_real_hub_client_against_nothing_fails_clearly_and_records_nothing(tmp_p
     env = {**os.environ, "HF_TOKEN": token, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
            "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "upload.py"), "--folder", str(folder),
-                             "--repo-id", "me/r8-qv", "--output", str(tmp_path / "upload.json")],
+                             *settings_args(tmp_path, "upload", repo_id="me/r8-qv"),
+                             "--output", str(tmp_path / "upload.json")],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1
     assert f"upload of {folder} to me/r8-qv failed:" in result.stderr
@@ -161,3 +164,50 @@ def test_model_card_of_a_full_fine_tune():
     assert meta["library_name"] == "transformers" and "full" in meta["tags"] and "peft" not in meta["tags"]
     assert "fully fine-tuned model" in card and "PeftModel" not in card
     assert "| exact_match: first_word | 0 | 0.9 |" in card
+
+
+def export_run(tmp_path, kind, **settings):
+    """scripts/export.py on a stand-in run: trained weights (with a README.md of their own), its summary,
+    evaluation, dataset stats and a manifest holding the run's settings."""
+    weights = tmp_path / "trained"
+    weights.mkdir(exist_ok=True)
+    for name, text in (("adapter_config.json", "{}"), ("adapter_model.safetensors", "weights"),
+                       ("README.md", "peft's own card")):
+        (weights / name).write_text(text)
+    manifest = {"run": "r8-qv", "seed": 0, "libraries": {"torch": "2.x"}, "device": None, "workflow": None,
+                "shards": {}, "base_model": {"name_or_path": "meta-llama/Llama-3.2-1B"}, "settings": SETTINGS,
+                "trained": {}}
+    files = {"summary": SUMMARY, "eval": EVALUATION, "stats": STATS[0], "manifest": manifest}
+    for name, value in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(value))
+    folder = tmp_path / kind
+    export.main(["--kind", kind, "--weights", str(weights), "--folder", str(folder),
+                 *settings_args(tmp_path / "settings" / kind, "export", **settings),
+                 "--run-name", "r8-qv", "--base-model", "meta-llama/Llama-3.2-1B",
+                 "--summary", str(tmp_path / "summary.json"), "--eval-json", str(tmp_path / "eval.json"),
+                 "--manifest", str(tmp_path / "manifest.json"), "--stats", str(tmp_path / "stats.json")])
+    return folder
+
+
+def test_export_publishes_the_weights_with_a_card_of_the_run_settings_in_its_manifest(tmp_path):
+    folder = export_run(tmp_path, "adapter", license="apache-2.0", repo_id="me/r8-qv", what="adapter")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json",
+                                                        "adapter_model.safetensors", "manifest.json"]
+    assert (folder / "adapter_model.safetensors").read_text() == "weights"
+    assert (tmp_path / "trained" / "README.md").read_text() == "peft's own card", "the source is not written into"
+    card = (folder / "README.md").read_text()
+    assert card == render("adapter", "r8-qv", "meta-llama/Llama-3.2-1B", SETTINGS, SUMMARY, EVALUATION, STATS,
+                          "apache-2.0", "me/r8-qv", json.loads((tmp_path / "manifest.json").read_text()))
+    meta = front_matter(card)
+    assert meta["license"] == "apache-2.0" and "qlora" in meta["tags"] and meta["library_name"] == "peft"
+    assert "| r | 8 |" in card and "PeftModel.from_pretrained(base, 'me/r8-qv')" in card
+    assert json.loads((folder / "manifest.json").read_text())["settings"] == SETTINGS
+    assert not (tmp_path / "adapter.partial").exists()
+
+
+def test_export_of_what_is_not_uploaded_points_its_usage_at_the_folder(tmp_path):
+    """The repo id is the usage hint only of the kind that is uploaded (`what`); another kind names its folder."""
+    folder = export_run(tmp_path, "merged", repo_id="me/r8-qv", what="adapter")
+    card = (folder / "README.md").read_text()
+    assert f"AutoModelForCausalLM.from_pretrained({str(folder)!r})" in card and "me/r8-qv" not in card
+    assert "license" not in front_matter(card) and front_matter(card)["library_name"] == "transformers"

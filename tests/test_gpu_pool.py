@@ -5,9 +5,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO
-
-POOL = [sys.executable, str(REPO / "scripts" / "gpu_pool.py")]
+POOL = [sys.executable, "-m", "finetune.gpu_pool"]
 SHOW = [sys.executable, "-c", "import os, sys, time; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); "
                               "time.sleep(float(sys.argv[1]))"]
 

@@ -4,7 +4,9 @@ import hashlib
 import json
 import subprocess
 
-from finetune.export.manifest import build_manifest, describe_base_model, git_commit, safetensors_header_sha256, summary_rows
+import manifest as manifest_script
+from finetune.export.manifest import (build_manifest, describe_base_model, git_commit, safetensors_header_sha256,
+                                      summary_rows)
 
 
 def git(folder, *args):
@@ -61,3 +63,18 @@ def test_the_manifest_carries_what_training_recorded(tmp_path, tiny_model, shard
     assert list(manifest["shards"]) == ["words", "numbers"]
     rows = dict(summary_rows(json.loads(json.dumps(manifest))))
     assert rows["device"] == "2 x NVIDIA H100, 2 process(es)" and rows["workflow commit"] == "not a git checkout"
+
+
+def test_the_manifest_script_takes_the_run_settings_from_its_settings_file(tmp_path, tiny_model, shards):
+    """scripts/manifest.py: --settings is the run's settings.json (every setting of the run), carried whole."""
+    settings = {"seed": 5, "method": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"],
+                "datasets": {"words": 0.9, "numbers": 0.1}}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": 10, "processes": 1}))
+    manifest_script.main(["--run-name", "r8", "--settings", str(tmp_path / "settings.json"),
+                          "--summary", str(tmp_path / "summary.json"), "--shards", *map(str, shards),
+                          "--base-model", str(tiny_model), "--workflow-dir", str(tmp_path),
+                          "--output", str(tmp_path / "manifest.json")])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["settings"] == settings and manifest["seed"] == 5 and manifest["run"] == "r8"
+    assert manifest["trained"]["steps"] == 10 and list(manifest["shards"]) == ["words", "numbers"]

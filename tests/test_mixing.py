@@ -2,17 +2,19 @@
 training examples (mixing.py); the summary counts what each one contributed."""
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import train
+from conftest import settings_args
 from finetune.data.batches import length_grouped_batches, micro_batch_indices
 from finetune.data.mixing import epoch_examples, epoch_shares, source_of_positions
-from workflow import copy_workflow, dry_run_jobs
+from finetune.settings import read_settings
+from workflow import copy_workflow, dry_run_jobs, snakemake
 
-QUICK_TRAIN = ["--r", "8", "--alpha", "16", "--learning-rate", "1e-2", "--batch-size", "8", "--log-every", "10",
-               "--eval-every", "0", "--precision", "fp32"]
+QUICK_TRAIN = dict(r=8, alpha=16, learning_rate=1e-2, batch_size=8, log_every=10, eval_every=0, precision="fp32")
 
 
 def test_each_epoch_holds_every_source_in_proportion_to_its_weight():
@@ -68,9 +70,11 @@ def test_mixed_batches_are_deterministic_for_the_seed_and_unweighted_ones_unchan
 def test_training_reports_how_many_examples_each_dataset_contributed(tmp_path, tiny_model, shards):
     """shards: 'words' and 'numbers', 179 and 177 training examples; weights 0.9 / 0.1."""
     out = tmp_path / "run"
-    train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--weights", "0.9", "0.1",
+    train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards),
                 "--output-dir", str(out / "trained"), "--metrics", str(out / "metrics.jsonl"),
-                "--summary", str(out / "summary.json"), "--max-steps", "45", *QUICK_TRAIN])
+                "--summary", str(out / "summary.json"),
+                *settings_args(tmp_path, "train", datasets={"words": 0.9, "numbers": 0.1}, max_steps=45,
+                               **QUICK_TRAIN)])
     sources = json.loads((out / "summary.json").read_text())["sources"]
     assert list(sources) == ["words", "numbers"]
     words, numbers = sources["words"], sources["numbers"]
@@ -81,11 +85,30 @@ def test_training_reports_how_many_examples_each_dataset_contributed(tmp_path, t
     assert (words["examples_trained"], numbers["examples_trained"]) == (320, 36)
 
 
-def test_training_refuses_weights_that_do_not_match_the_shards(tmp_path, tiny_model, shards, capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--weights", "1",
-                          "--output-dir", str(tmp_path), "--metrics", "m", "--summary", "s"])
-    assert "--weights needs one positive weight per shard (2), got [1.0]" in capsys.readouterr().err
+@pytest.mark.parametrize("weights", [{"words": 1.0}, {"words": 0.5, "numbers": 0.3, "letters": 0.2}],
+                         ids=["too-few", "not-a-shard"])
+def test_training_refuses_weights_that_do_not_match_the_shards(tmp_path, tiny_model, shards, weights):
+    settings = settings_args(tmp_path, "train", datasets=weights)
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--output-dir", str(tmp_path / "t"),
+                    "--metrics", str(tmp_path / "m"), "--summary", str(tmp_path / "s"), *settings])
+    assert (f"the weighted datasets {sorted(weights)} are not the shards' ['numbers', 'words']"
+            in str(refused.value.code))
+    assert not (tmp_path / "t").exists() and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("weights", [{"words": 0, "numbers": 1.0}, {"words": -0.5, "numbers": 1.0}],
+                         ids=["zero", "negative"])
+def test_a_weight_that_is_not_positive_is_refused(tmp_path, tiny_model, shards, weights):
+    with pytest.raises(ValueError, match=r"settings of train: 'datasets': .* is not valid"):
+        settings_args(tmp_path, "train", datasets=weights)
+    _, path = settings_args(tmp_path, "train")
+    Path(path).write_text(json.dumps({**json.loads(Path(path).read_text()), "datasets": weights}))
+    with pytest.raises(SystemExit) as refused:
+        train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards), "--output-dir", str(tmp_path / "t"),
+                    "--metrics", str(tmp_path / "m"), "--summary", str(tmp_path / "s"), "--settings", path])
+    assert f"{path}: not the settings of train: 'datasets': {weights}" in str(refused.value.code)
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.fixture
@@ -102,6 +125,10 @@ def test_a_weighted_run_trains_on_its_datasets_with_their_weights(workdir):
     configure(workdir, "  mixed:\n    datasets: {word_tasks: 0.7, number_tasks: 0.3}\n")
     commands = [shell for rule, _, shell in dry_run_jobs(workdir, "results/runs/mixed/trained") if rule == "train"]
     assert len(commands) == 1
-    assert "word_tasks.arrow" in commands[0] and "--weights 0.7 0.3" in commands[0]
-    listed = [shell for rule, _, shell in dry_run_jobs(workdir, "results/runs/lora-r16/trained") if rule == "train"]
-    assert "--weights" not in listed[0], "a list of datasets trains on every example once per epoch"
+    assert "word_tasks.arrow" in commands[0] and "number_tasks.arrow" in commands[0]
+    assert "--settings results/runs/mixed/settings/train.json" in commands[0]
+    files = [f"results/runs/{run}/settings/train.json" for run in ("mixed", "lora-r16")]
+    snakemake(workdir, *files, "--cores", "1")
+    mixed, listed = (read_settings(workdir / file, "train") for file in files)
+    assert mixed.datasets == {"word_tasks": 0.7, "number_tasks": 0.3}
+    assert isinstance(listed.datasets, list), "a list of datasets trains on every example once per epoch"

@@ -4,6 +4,8 @@ matrix that runs the real chain (tokenize, train a few steps, evaluate,
 merge, reload with stock transformers/peft) for every method on at least
 two families, every family and every data format."""
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -15,11 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import evaluate
 import merge
 import train
-from model_families import FAMILIES, LLAMA2, QWEN3, build_family_model
+from conftest import REPO, settings_args
 from finetune.data.prompts import IGNORE_INDEX, encode_record, fold_system_turns, stop_token_ids
-from finetune.data.tokenizer import load_tokenizer
 from finetune.data.tokenization import tokenize_file
+from finetune.data.tokenizer import load_tokenizer
 from finetune.data.validation import validate_file
+from model_families import FAMILIES, LLAMA2, QWEN3, build_family_model
 
 CHAT = {"format": "chat", "messages": [
     {"role": "system", "content": "Answer with one word."},
@@ -48,7 +51,7 @@ def as_chat(record):
 def test_labels_match_the_familys_template_token_for_token(family_models, family, record):
     tokenizer = load_tokenizer(family_models[family])
     messages = as_chat(record)
-    if family in ("mistral", "gemma"):  # templates that raise on a system turn: the documented fold
+    if family in ("mistral", "mixtral", "gemma"):  # templates that raise on a system turn: the documented fold
         messages = fold_system_turns(messages)
     reference = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                               return_assistant_tokens_mask=True)
@@ -83,7 +86,8 @@ def test_a_system_turn_is_folded_into_the_next_user_turn_where_the_template_has_
 
 
 PADS = {"llama": "<|finetune_right_pad_id|>", "qwen2": "<|endoftext|>", "mistral": "<unk>", "gemma": "<pad>",
-        "phi3": "<unk>", "gpt2": "<|pad|>", "qwen2_moe": "<|endoftext|>"}
+        "phi3": "<unk>", "gpt2": "<|pad|>", "qwen2_moe": "<|endoftext|>", "mixtral": "<unk>",
+        "qwen3_moe": "<|endoftext|>"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -105,8 +109,7 @@ def test_generation_stops_at_the_templates_end_of_turn(family_models, family):
 
 def write_records(path, fmt, count=96):
     """Records of the example word tasks in the given format; chats have a system turn and two exchanges."""
-    source = [json.loads(line) for line in (train.Path(__file__).parent.parent / "data" / "word_tasks.jsonl")
-              .read_text().splitlines()[:2 * count]]
+    source = [json.loads(line) for line in (REPO / "data" / "word_tasks.jsonl").read_text().splitlines()[:2 * count]]
     rows = []
     for a, b in zip(source[::2], source[1::2]):
         if fmt == "alpaca":
@@ -121,17 +124,21 @@ def write_records(path, fmt, count=96):
     return path
 
 
-MATRIX = [  # family, method, format, extra train flags
-    ("llama", "qlora", "chat", ["--target-modules", "all-linear"]),
-    ("llama", "adalora", "alpaca", []),
-    ("qwen2", "dora", "chat", []),
-    ("qwen2", "full", "completion", []),
-    ("mistral", "lora", "chat", ["--quantization", "8bit"]),
-    ("gemma", "adalora", "chat", []),
-    ("phi3", "qlora", "chat", ["--target-modules", "qkv_proj", "o_proj"]),
-    ("gpt2", "dora", "alpaca", ["--target-modules", "c_attn"]),
-    ("gpt2", "full", "alpaca", []),
-    ("qwen2_moe", "lora", "chat", ["--target-modules", "all-linear", "--grad-accum", "2", "--epochs", "2"]),
+MATRIX = [  # family, method, format, more train settings
+    ("llama", "qlora", "chat", {"target_modules": "all-linear"}),
+    ("llama", "adalora", "alpaca", {}),
+    ("qwen2", "dora", "chat", {}),
+    ("qwen2", "full", "completion", {}),
+    ("mistral", "lora", "chat", {"quantization": "8bit"}),
+    ("gemma", "adalora", "chat", {}),
+    ("phi3", "qlora", "chat", {"target_modules": ["qkv_proj", "o_proj"]}),
+    ("gpt2", "dora", "alpaca", {"target_modules": ["c_attn"]}),
+    ("gpt2", "full", "alpaca", {}),
+    ("qwen2_moe", "lora", "chat", {"target_modules": "all-linear", "grad_accum": 2, "epochs": 2}),
+    # Fused experts: adapted (all-linear, without dropout), or left out (DoRA on the attention layers).
+    ("mixtral", "lora", "chat", {"target_modules": "all-linear", "dropout": 0.0}),
+    ("qwen3_moe", "qlora", "chat", {"target_modules": "all-linear", "dropout": 0.0}),
+    ("mixtral", "dora", "alpaca", {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
 ]
 
 
@@ -140,16 +147,19 @@ def run_chain(folder, model, method, fmt, extra):
     out = {name: folder / name for name in ("data", "shard", "trained", "merged", "eval", "generations")}
     validate_file(write_records(folder / "raw.jsonl", fmt), out["data"], folder / "rejected.jsonl")
     tokenize_file(out["data"], load_tokenizer(model), "auto", 128, out["shard"], fraction=0.15)
-    steps = [] if "--epochs" in extra else ["--max-steps", "6"]
+    steps = {} if "epochs" in extra else {"max_steps": 6}
+    settings = folder / "settings"
     train.main(["--base-model", str(model), "--shards", str(out["shard"]), "--output-dir", str(out["trained"]),
                 "--metrics", str(folder / "metrics.jsonl"), "--summary", str(folder / "summary.json"),
-                "--method", method, "--r", "4", "--learning-rate", "1e-2", "--batch-size", "4", "--log-every", "2",
-                "--checkpoint-every", "0", *steps, *extra])
+                *settings_args(settings, "train", method=method, r=4, learning_rate=1e-2, batch_size=4, log_every=2,
+                               checkpoint_every=0, **steps, **extra)])
     evaluate.main(["--base-model", str(model), "--trained-dir", str(out["trained"]), "--shards", str(out["shard"]),
                    "--records", str(out["data"]), "--eval-json", str(out["eval"]),
-                   "--generations", str(out["generations"]), "--num-samples", "4", "--max-new-tokens", "4"])
+                   "--generations", str(out["generations"]),
+                   *settings_args(settings, "evaluate", num_samples=4, max_new_tokens=4)])
     if method != "full":
-        merge.main(["--base-model", str(model), "--adapter-dir", str(out["trained"]), "--output-dir", str(out["merged"])])
+        merge.main(["--base-model", str(model), "--adapter-dir", str(out["trained"]),
+                    "--output-dir", str(out["merged"]), *settings_args(settings, "merge")])
     return out
 
 
@@ -175,6 +185,9 @@ def test_each_method_family_and_format_runs_the_whole_chain(tmp_path, family_mod
     summary = json.loads((tmp_path / "summary.json").read_text())
     losses = [row["loss"] for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
     assert summary["method"] == method and all(map(torch.isfinite, torch.tensor(losses)))
+    if family in ("mixtral", "qwen3_moe"):  # the fused experts and the router, or nothing for DoRA on attention
+        expected = [] if method == "dora" else ["experts.down_proj", "experts.gate_up_proj", "gate.weight"]
+        assert summary["adapted_expert_parameters"] == expected
     result = json.loads(out["eval"].read_text())
     assert result["eval_records"] > 0 and torch.isfinite(torch.tensor(result["tuned"]["loss"]))
     assert result["tuned"]["loss"] != result["base"]["loss"], "the trained weights are the ones evaluated"
@@ -202,10 +215,45 @@ def test_a_conversation_the_template_cannot_render_stops_tokenization_at_its_fil
     source.write_text(json.dumps(good) + "\n" + json.dumps(good | {"task": "x"}) + "\n"
                       + json.dumps({"messages": messages}) + "\n")
     validate_file(source, tmp_path / "records.jsonl", tmp_path / "rejected.jsonl")
-    command = [sys.executable, str(train.Path(train.__file__).parent / "tokenize_data.py"),
+    command = [sys.executable, str(REPO / "scripts" / "tokenize_data.py"),
+               *settings_args(tmp_path / "settings", "tokenize_data"),
                "--input", str(tmp_path / "records.jsonl"), "--tokenizer", str(family_models["mistral"]),
                "--source", str(source), "--output", str(tmp_path / "shard.arrow"), "--stats", str(tmp_path / "s.json")]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(f"{source}:3: {reason}")
     assert not list(tmp_path.glob("shard*")) and not (tmp_path / "s.json").exists()
+
+
+FUSED_EXPERT_REFUSALS = [
+    ("mixtral", "lora", {"target_modules": "all-linear"},
+     "reaches the fused expert weights of Mixtral (experts.down_proj, experts.gate_up_proj, gate.weight), which peft "
+     "trains only without dropout (dropout 0.05): set dropout: 0, or list target_modules without the experts"),
+    ("qwen3_moe", "dora", {"target_modules": "all-linear", "dropout": 0.0},
+     "reaches the fused expert weights of Qwen3Moe (experts.down_proj, experts.gate_up_proj, gate.weight), which "
+     "peft cannot train with DoRA: list target_modules without the experts, e.g. [q_proj, k_proj, v_proj, o_proj], "
+     "or use method lora"),
+]
+
+
+@pytest.mark.parametrize("family, method, settings, message", FUSED_EXPERT_REFUSALS, ids=["lora-dropout", "dora"])
+def test_a_fused_expert_run_peft_cannot_train_stops_before_any_job(tmp_path, family_models, family, method,
+                                                                     settings, message):
+    """Where the model's config is here (a local folder), the workflow refuses the run before any job;
+    the training job refuses it too (a Hub model resolved only there), before loading any weights."""
+    from workflow import copy_workflow, snakemake
+    workdir = copy_workflow(tmp_path / "wf")
+    shutil.copytree(family_models[family], workdir / "models" / family)
+    run = ", ".join(f"{key}: {json.dumps(value)}" for key, value in {"method": method, **settings}.items())
+    (workdir / "moe.yaml").write_text(f"base_models:\n  moe: {{name_or_path: models/{family}}}\n"
+                                      "datasets:\n  word_tasks: {path: data/word_tasks.jsonl, format: alpaca}\n"
+                                      f"runs:\n  experts: {{base_model: moe, {run}}}\n")
+    result = snakemake(workdir, "-n", "--configfile", "moe.yaml", "--replace-workflow-config", check=False)
+    assert result.returncode != 0 and f"run 'experts': target_modules all-linear {message}" in \
+        result.stdout + result.stderr
+    assert not (workdir / "results").exists()
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.main(["--base-model", str(family_models[family]), "--shards", str(tmp_path / "no-shard.arrow"),
+                    "--output-dir", str(tmp_path / "trained"), "--metrics", str(tmp_path / "m.jsonl"),
+                    "--summary", str(tmp_path / "s.json"), "--run-name", "experts",
+                    *settings_args(tmp_path, "train", method=method, **settings)])

@@ -8,6 +8,7 @@ import pytest
 import evaluate
 import merge
 import train
+from conftest import settings_args
 from finetune.export.model_card import render
 from workflow import copy_workflow, snakemake
 
@@ -42,10 +43,10 @@ def shipped_model(tmp_path_factory, tiny_model):
     return folder
 
 
-def train_args(model, shards, out, *extra):
+def train_args(model, shards, out, **settings):
     return ["--base-model", str(model), "--shards", *map(str, shards), "--output-dir", str(out / "trained"),
-            "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"), "--max-steps", "3",
-            "--checkpoint-every", "0", *extra]
+            "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
+            *settings_args(out / "settings", "train", max_steps=3, checkpoint_every=0, **settings)]
 
 
 def test_shipped_code_is_refused_unless_trusted(tmp_path, shipped_model, shards):
@@ -56,15 +57,17 @@ def test_shipped_code_is_refused_unless_trusted(tmp_path, shipped_model, shards)
 
 
 def test_trusted_shipped_code_trains_evaluates_merges_and_is_recorded(tmp_path, shipped_model, shards):
-    train.main(train_args(shipped_model, shards, tmp_path, "--trust-remote-code"))
+    train.main(train_args(shipped_model, shards, tmp_path, trust_remote_code=True))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["trust_remote_code"] is True
     evaluate.main(["--base-model", str(shipped_model), "--trained-dir", str(tmp_path / "trained"),
                    "--shards", *map(str, shards), "--records", *[str(s.with_suffix(".jsonl")) for s in shards],
                    "--eval-json", str(tmp_path / "eval.json"), "--generations", str(tmp_path / "g.jsonl"),
-                   "--num-samples", "2", "--max-new-tokens", "2", "--trust-remote-code"])
+                   *settings_args(tmp_path / "settings", "evaluate", num_samples=2, max_new_tokens=2,
+                                  trust_remote_code=True)])
     merge.main(["--base-model", str(shipped_model), "--adapter-dir", str(tmp_path / "trained"),
-                "--output-dir", str(tmp_path / "merged"), "--trust-remote-code"])
+                "--output-dir", str(tmp_path / "merged"),
+                *settings_args(tmp_path / "settings", "merge", trust_remote_code=True)])
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "shipped-llama"
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     card = render("adapter", "r", str(shipped_model), {"method": "lora"}, summary, evaluation, [])

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from conftest import REPO
-from test_sweeps import create_outputs
+from conftest import REPO, settings_args
 from finetune.data.validation import DataError, validate_file
+from finetune.settings import read_settings
+from test_sweeps import create_outputs
 from workflow import copy_workflow, dry_run_jobs, planned_jobs, snakemake
 
 RECORDS = [
@@ -226,17 +227,18 @@ def test_hub_settings_on_a_local_file_are_refused(tmp_path):
         f"{path}: source_split applies only to a Hub dataset or a datasets folder with splits"]
 
 
-def cli(tmp_path, source, *flags, env=None):
+def cli(tmp_path, source, env=None, **settings):
     out = tmp_path / "results"
     return subprocess.run([sys.executable, REPO / "scripts" / "validate_data.py", "--input", source,
+                           *settings_args(tmp_path / "settings", "validate_data", **settings),
                            "--output", out / "d.jsonl", "--rejected", out / "d.rejected.jsonl",
-                           "--stats", out / "d.validation.json", *flags],
+                           "--stats", out / "d.validation.json"],
                           capture_output=True, text=True, env={**os.environ, **(env or {})}), out
 
 
 def test_offline_a_hub_dataset_outside_the_cache_fails_at_once_saying_what_to_do(tmp_path):
     started = time.monotonic()
-    result, out = cli(tmp_path, "hf://datasets/someone/not-cached", "--revision", "v1",
+    result, out = cli(tmp_path, "hf://datasets/someone/not-cached", revision="v1",
                       env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 1 and time.monotonic() - started < 30
     message = result.stderr.strip()
@@ -249,7 +251,7 @@ def test_offline_a_hub_dataset_outside_the_cache_fails_at_once_saying_what_to_do
 
 def test_the_cli_maps_columns_and_records_where_the_records_came_from(tmp_path):
     path = write_parquet(tmp_path / "qa.parquet", QA)
-    result, out = cli(tmp_path, path, "--columns", json.dumps(QA_COLUMNS))
+    result, out = cli(tmp_path, path, columns=QA_COLUMNS)
     assert result.returncode == 0, result.stderr
     stats = json.loads((out / "d.validation.json").read_text())
     assert stats["source"] == "parquet" and stats["columns"] == QA_COLUMNS and stats["records"] == 3
@@ -305,11 +307,14 @@ def test_editing_a_parquet_file_or_a_datasets_folder_reruns_only_its_dataset(wor
     assert rerun_datasets(planned_jobs(workdir, *args)) == ["word_tasks"]
 
 
-def test_a_hub_dataset_has_no_input_file_and_its_split_and_revision_are_flags(workdir):
+def test_a_hub_dataset_has_no_input_file_and_its_split_and_revision_are_its_settings(workdir):
     (workdir / "hub.yaml").write_text("datasets:\n  word_tasks: {path: 'hf://datasets/someone/word-tasks', "
                                       "source_split: validation, revision: v1.0, columns: {output: answer}}\n")
     jobs = dry_run_jobs(workdir, "results/data/word_tasks.jsonl", "--configfile", "hub.yaml")
     [(inputs, shell)] = [(inputs, shell) for rule, inputs, shell in jobs if rule == "validate"]
     assert not [path for path in inputs if path.startswith("data/")]
-    assert ("--input hf://datasets/someone/word-tasks" in shell and "--source-split validation" in shell
-            and "--revision v1.0" in shell and """--columns '{"output": "answer"}'""" in shell), shell
+    settings_file = "results/data/word_tasks/settings/validate_data.json"
+    assert "--input hf://datasets/someone/word-tasks" in shell and f"--settings {settings_file}" in shell, shell
+    snakemake(workdir, settings_file, "--cores", "1", "--configfile", "hub.yaml")
+    settings = read_settings(workdir / settings_file, "validate_data")
+    assert (settings.source_split, settings.revision, settings.columns) == ("validation", "v1.0", {"output": "answer"})

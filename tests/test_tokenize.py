@@ -4,11 +4,11 @@ import datasets
 import numpy as np
 import pytest
 
-from finetune.evaluation.generation import encode_prompt
 from finetune.data.prompts import IGNORE_INDEX, encode_batch, encode_record, format_segments, tokenize_texts
-from finetune.data.tokenizer import load_tokenizer
 from finetune.data.shards import read_shards
 from finetune.data.tokenization import in_eval_split, tokenize_file
+from finetune.data.tokenizer import load_tokenizer
+from finetune.evaluation.generation import encode_prompt
 
 ALPACA = {"format": "alpaca", "instruction": "Reverse the order of these words.", "input": "red blue green",
           "output": "green blue red"}

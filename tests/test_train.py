@@ -5,11 +5,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune.training import adapters
 import train
+from conftest import TRAIN_STEPS, settings_args
 from finetune.data.batches import length_grouped_batches
 from finetune.models import load_base_model
-from conftest import TRAIN_STEPS
+from finetune.training import adapters
 
 
 def read_metrics(run):
@@ -70,7 +70,8 @@ def test_nan_loss_stops_the_run_without_writing_an_adapter(tmp_path, tiny_model,
     with pytest.raises(SystemExit, match=r"\[diverge\] loss is nan at step 1: .*learning rate"):
         train.main(["--base-model", str(tiny_model), "--shards", *map(str, shards),
                     "--output-dir", str(tmp_path / "trained"), "--metrics", str(tmp_path / "metrics.jsonl"),
-                    "--summary", str(tmp_path / "summary.json"), "--run-name", "diverge", "--max-steps", "5"])
+                    "--summary", str(tmp_path / "summary.json"), "--run-name", "diverge",
+                    *settings_args(tmp_path, "train", max_steps=5)])
     assert not (tmp_path / "trained").exists() and not (tmp_path / "summary.json").exists()
 
 

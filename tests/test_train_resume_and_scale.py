@@ -11,15 +11,18 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO
+from conftest import REPO, settings_args
 
 TRAIN = [sys.executable, str(REPO / "scripts" / "train.py")]
 
 
-def train_args(tiny_model, shards, out, *extra):
+def train_args(tiny_model, shards, out, *paths, tag=None, **settings):
+    """train.py's arguments: `paths` (more path flags) and a settings file of `settings` over fp32,
+    learning rate 5e-3 and log_every 10, written beside `out` (in settings/{tag or out's name})."""
+    settings = {"precision": "fp32", "learning_rate": 5e-3, "log_every": 10, **settings}
     return ["--base-model", str(tiny_model), "--shards", *map(str, shards), "--output-dir", str(out / "trained"),
             "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"), "--run-name", "resume",
-            "--precision", "fp32", "--learning-rate", "5e-3", "--log-every", "10", "--threads", "1", *extra]
+            "--threads", "1", *paths, *settings_args(out.parent / "settings" / (tag or out.name), "train", **settings)]
 
 
 def env():
@@ -50,17 +53,17 @@ def kill_after_checkpoint(command, checkpoints, min_step, timeout=120):
     pytest.fail("training ended before it could be killed mid-run")
 
 
-STEPS = ["--max-steps", "300", "--eval-every", "100"]
+STEPS = {"max_steps": 300, "eval_every": 100}
 
 
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_model, shards):
     straight = tmp_path / "straight"
-    subprocess.run(TRAIN + train_args(tiny_model, shards, straight, *STEPS), env=env(), check=True,
+    subprocess.run(TRAIN + train_args(tiny_model, shards, straight, **STEPS), env=env(), check=True,
                    capture_output=True)
 
     resumed = tmp_path / "resumed"
-    command = TRAIN + train_args(tiny_model, shards, resumed, *STEPS, "--checkpoint-every", "20",
-                                 "--checkpoint-dir", str(tmp_path / "checkpoints"))
+    command = TRAIN + train_args(tiny_model, shards, resumed, "--checkpoint-dir", str(tmp_path / "checkpoints"),
+                                 **STEPS, checkpoint_every=20)
     killed_at = kill_after_checkpoint(command, tmp_path / "checkpoints", min_step=60)
     assert not (resumed / "trained").exists(), "a killed run leaves no adapter"
     result = subprocess.run(command, env=env(), check=True, capture_output=True, text=True)
@@ -77,9 +80,9 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_mode
 
 def test_changed_settings_do_not_resume_an_old_checkpoint(tmp_path, tiny_model, shards):
     out, checkpoints = tmp_path / "run", tmp_path / "checkpoints"
-    extra = [*STEPS, "--checkpoint-every", "20", "--checkpoint-dir", str(checkpoints)]
-    kill_after_checkpoint(TRAIN + train_args(tiny_model, shards, out, *extra), checkpoints, min_step=20)
-    changed = train_args(tiny_model, shards, out, *extra) + ["--learning-rate", "1e-3"]
+    paths, settings = ["--checkpoint-dir", str(checkpoints)], {**STEPS, "checkpoint_every": 20}
+    kill_after_checkpoint(TRAIN + train_args(tiny_model, shards, out, *paths, **settings), checkpoints, min_step=20)
+    changed = train_args(tiny_model, shards, out, *paths, tag="changed", **settings, learning_rate=1e-3)
     result = subprocess.run(TRAIN + changed, env=env(), check=True, capture_output=True, text=True)
     assert "is from other settings, data or number of processes: starting over" in result.stdout + result.stderr
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 0
@@ -97,7 +100,7 @@ def test_two_process_data_parallel_training_on_cpu(tmp_path, tiny_model, shards)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), str(REPO / "scripts" / "train.py")]
-    result = subprocess.run(launch + train_args(tiny_model, shards, out, "--max-steps", "30", "--batch-size", "4"),
+    result = subprocess.run(launch + train_args(tiny_model, shards, out, max_steps=30, batch_size=4),
                             env={**env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

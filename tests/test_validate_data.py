@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, settings_args
 from finetune.data.validation import DataError, validate_file
 
 GOOD = {"instruction": "Add the two numbers.", "input": "1 and 2", "output": "3"}
@@ -178,11 +178,12 @@ def test_empty_and_missing_files(tmp_path):
     assert not list(tmp_path.glob("out/*"))
 
 
-def cli(tmp_path, data, *extra):
+def cli(tmp_path, data, **settings):
     out = tmp_path / "results"
     result = subprocess.run([sys.executable, REPO / "scripts" / "validate_data.py", "--input", data,
+                             *settings_args(tmp_path / "settings", "validate_data", **settings),
                              "--output", out / "d.jsonl", "--rejected", out / "d.rejected.jsonl",
-                             "--stats", out / "d.stats.json", *extra], capture_output=True, text=True)
+                             "--stats", out / "d.stats.json"], capture_output=True, text=True)
     return result, out
 
 

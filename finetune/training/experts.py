@@ -11,7 +11,6 @@ targets the attention layers only; anything else stops before any job, saying so
 AdaLoRA never adapts fused experts (peft skips them); QLoRA leaves them unquantized
 (bitsandbytes quantizes linear layers only).
 """
-import functools
 import json
 
 import torch
@@ -21,29 +20,32 @@ MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # a config.
 
 def is_mixture_of_experts(config_file):
     with open(config_file) as f:
-        return any(json.load(f).get(key) for key in MOE_KEYS)
+        settings = json.load(f)
+    return any(settings.get(key) for key in MOE_KEYS)
 
 
-def adapted_expert_parameters(config, target_modules):
+_ADAPTED = {}  # (config, targets) -> what adapted_expert_parameters found
+
+
+def adapted_expert_parameters(config, target_modules, trust_remote_code=False):
     """The names of the fused expert parameters peft would adapt for these target modules (peft's own
     decision, on the model built on the meta device: no weights load); () for a model without them."""
-    targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
-    return _adapted(config.to_json_string(), targets)
-
-
-@functools.cache
-def _adapted(config_json, targets):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-    settings = json.loads(config_json)
-    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    if not has_fused_experts(model):
+    if not any(getattr(config, key, None) for key in MOE_KEYS):
         return ()
-    lora = LoraConfig(r=8, target_modules=targets if isinstance(targets, str) else list(targets), lora_dropout=0.0,
-                      task_type="CAUSAL_LM")
-    return tuple(wrapped_parameters(get_peft_model(model, lora, low_cpu_mem_usage=True)))
+    targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+    key = (config.to_json_string(), targets)
+    if key not in _ADAPTED:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        lora = LoraConfig(r=8, target_modules=targets if isinstance(targets, str) else list(targets),
+                          lora_dropout=0.0, task_type="CAUSAL_LM")
+        found = wrapped_parameters(get_peft_model(model, lora, low_cpu_mem_usage=True)) if has_fused_experts(model) \
+            else []
+        _ADAPTED[key] = tuple(found)
+    return _ADAPTED[key]
 
 
 def has_fused_experts(model):
@@ -65,13 +67,13 @@ def wrapped_parameters(peft_model):
     return sorted(names)
 
 
-def fused_expert_problem(config, method, target_modules, dropout):
+def fused_expert_problem(config, method, target_modules, dropout, trust_remote_code=False):
     """Why an adapter run cannot train these targets of this model as configured, with the setting to
     change; None when it can."""
     if method not in ("lora", "qlora", "dora"):
         return None
     targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
-    experts = adapted_expert_parameters(config, targets)
+    experts = adapted_expert_parameters(config, targets, trust_remote_code)
     if not experts:
         return None
     model = type(config).__name__.replace("Config", "")

@@ -53,6 +53,7 @@ def check_architecture(base_model, settings, run_name):
         sys.exit(f"[{run_name}] target_modules {', '.join(missing)}: {type(config).__name__.replace('Config', '')} "
                  f"models have no such layer. Their adaptable layers are: {', '.join(available)} "
                  "(or use all-linear)")
-    problem = fused_expert_problem(config, settings.method, settings.target_modules, settings.dropout)
+    problem = fused_expert_problem(config, settings.method, settings.target_modules, settings.dropout,
+                                   settings.trust_remote_code)
     if problem:
         sys.exit(f"[{run_name}] {problem}")
