@@ -105,25 +105,33 @@ class CountingCollator:
 def worker(method, args, work):
     import torch
     torch.set_num_threads(args.threads)
-    if method == "this workflow":
-        from finetune.settings import write_settings
-        out = work / "ours"
-        settings = write_settings(work / "ours-train.json", "train", max_steps=args.steps, batch_size=8,
-                                  learning_rate=args.lr, lr_scheduler="constant_with_warmup", warmup_ratio=0,
-                                  log_every=1, seed=0, **our_model_settings(args))
-        subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--settings", str(settings),
-                        "--base-model", str(work / "tiny"), "--shards", str(work / "shard.arrow"),
-                        "--output-dir", str(out / "trained"), "--metrics", str(out / "metrics.jsonl"),
-                        "--summary", str(out / "summary.json"), "--threads", str(args.threads)],
-                       check=True, capture_output=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"} if args.gpu
-                       and args.device == "cuda" else None)
-        summary = json.loads((out / "summary.json").read_text())
-        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-        memory = summary["peak_memory_mb"] if args.device == "cuda" else (
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
-        return {"tokens_per_s": summary["session_tokens_per_s"], "peak_memory_mb": memory, "losses": losses}
+    return run_workflow(args, work) if method == "this workflow" else run_trainer(method, args, work)
 
+
+def run_workflow(args, work):
+    """This workflow's training stage, as its rule runs it (a subprocess with a settings file)."""
+    from finetune.settings import write_settings
+    out = work / "ours"
+    settings = write_settings(work / "ours-train.json", "train", max_steps=args.steps, batch_size=8,
+                              learning_rate=args.lr, lr_scheduler="constant_with_warmup", warmup_ratio=0,
+                              log_every=1, seed=0, **our_model_settings(args))
+    subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--settings", str(settings),
+                    "--base-model", str(work / "tiny"), "--shards", str(work / "shard.arrow"),
+                    "--output-dir", str(out / "trained"), "--metrics", str(out / "metrics.jsonl"),
+                    "--summary", str(out / "summary.json"), "--threads", str(args.threads)],
+                   check=True, capture_output=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"} if args.gpu
+                   and args.device == "cuda" else None)
+    summary = json.loads((out / "summary.json").read_text())
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    memory = summary["peak_memory_mb"] if args.device == "cuda" else (
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    return {"tokens_per_s": summary["session_tokens_per_s"], "peak_memory_mb": memory, "losses": losses}
+
+
+def run_trainer(method, args, work):
+    """A baseline: the Trainer recipe, (a) padded to max_length, (b) our shards, (c) TRL's SFTTrainer packing."""
     import datasets
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, DataCollatorForLanguageModeling, DataCollatorForSeq2Seq,
                               Trainer, TrainingArguments)

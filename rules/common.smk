@@ -126,10 +126,10 @@ def settings_sections(subject):
     kind, _, name = subject.partition("/")
     if kind == "runs":
         return run_sections(RUNS[name])
-    if kind == "pretrain":
+    if kind == "pretrain":  # a built model: its build, and its pretraining run (defaults when it has none)
         model = config["base_models"][name]
         return {
-            **run_sections(pretraining(name)),
+            **run_sections(pretraining(name) or {"method": "full", "base_model": name}),
             "build_tiny": model["build_tiny"],
             "dataset": config["datasets"][corpus(name)],
         }
@@ -154,13 +154,6 @@ def stage_settings(wildcards):
 def run_settings_text(wildcards):
     """A run's resolved settings, in the config's order (the order of its datasets is that of its shards)."""
     return json.dumps(run_of(wildcards), indent=1)
-
-
-def write_text(path, text, log):
-    """Write a (settings) file, and say so in the job's log."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(f"{text}\n")
-    Path(log).write_text(f"wrote {path}\n")
 
 
 def print_exact_match(evaluation):

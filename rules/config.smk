@@ -28,12 +28,15 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _interpreter_bin:
 
 
 def replace_the_config_in_cluster_jobs_too():
-    """Snakemake (9.27) does not pass --replace-workflow-config on to the jobs it submits to a
-    cluster: they would see config/config.yaml merged into the config they were given, and
-    compute other settings than the workflow that submitted them. Replace it there too."""
+    """Snakemake (9.27) does not pass --replace-workflow-config on to the jobs it runs in a process
+    of their own (those it submits to a cluster, and the local `run:` jobs that write settings
+    files): they would see config/config.yaml merged into the config they were given, and compute
+    other settings than the workflow that started them. Replace it there too."""
     if workflow.config_settings.replace_workflow_config:
         os.environ.update(FINETUNE_WORKFLOW_CONFIG_REPLACED="1")
-    elif workflow.remote_exec and os.environ.get("FINETUNE_WORKFLOW_CONFIG_REPLACED") == "1":
+    elif (workflow.remote_exec or workflow.subprocess_exec) and os.environ.get(
+        "FINETUNE_WORKFLOW_CONFIG_REPLACED"
+    ) == "1":
         config.clear()
         update_config(config, workflow.config_settings.overwrite_config)
 

@@ -4,7 +4,8 @@
 # file from that share, given as its parameter: a changed setting changes the parameter
 # of the files that hold it, so it rewrites those and reruns their stages (and what
 # depends on their outputs), and no other. results/runs/{run}/settings.json holds all of
-# a run's settings (for the manifest and the reports).
+# a run's settings (for the manifest and the reports). The jobs are shell jobs: a `run:`
+# job runs in a process of its own that parses the whole workflow again (Snakemake 9).
 
 
 rule settings:
@@ -16,10 +17,12 @@ rule settings:
         subject=r"(runs|pretrain|data)/[^/]+|tokens/[^/]+/[^/]+|report",
         stage=SETTINGS_STAGES,
     localrule: True
+    conda:
+        "../envs/finetune.yaml"
     params:
         settings=stage_settings,
-    run:
-        write_text(output[0], params.settings, log[0])
+    shell:
+        "printf '%s\\n' {params.settings:q} > {output} 2> {log}"
 
 
 rule run_settings:
@@ -28,7 +31,9 @@ rule run_settings:
     log:
         "results/logs/run_settings/{run}.log",
     localrule: True
+    conda:
+        "../envs/finetune.yaml"
     params:
         settings=run_settings_text,
-    run:
-        write_text(output[0], params.settings, log[0])
+    shell:
+        "printf '%s\\n' {params.settings:q} > {output} 2> {log}"

@@ -36,7 +36,7 @@ COLUMNS = ["run", "method", "r", "alpha", "target_modules", "trainable_parameter
            "rouge_l", "bleu", "chrf"]
 TASK_PREFIX = "exact_match:"  # one more column per task kind: its held-out exact match
 STYLE = """
-body { max-width: 1200px; }
+th, td { padding: 4px 6px; }
 td { white-space: nowrap; }
 td.wrap { white-space: normal; min-width: 6em; }
 .scroll { overflow-x: auto; }

@@ -214,8 +214,11 @@ def test_a_run_trained_again_from_its_manifest_gives_the_identical_adapter(local
     config = yaml.safe_load((project / "config/config.yaml").read_text())
     config["runs"]["replay"] = manifest["settings"]
     (project / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    assert planned_jobs(project, "results/runs/replay/trained") == ["train[run=replay]"], "same shards, same model"
+    assert planned_jobs(project, "results/runs/replay/trained") == [
+        "settings[subject=runs/replay, stage=train]", "train[run=replay]"], "same shards, same model"
     snakemake(project, "--cores", "2", "results/runs/replay/trained")
+    train_settings = "results/runs/{}/settings/train.json"
+    assert (project / train_settings.format("replay")).read_text() == (project / train_settings.format("r4")).read_text()
     original = load_file(project / "results/runs/r4/trained/adapter_model.safetensors")
     again = load_file(project / "results/runs/replay/trained/adapter_model.safetensors")
     assert original.keys() == again.keys()

@@ -63,6 +63,10 @@ def job_ids(output, rules):
             if re.match(r"rule (\w+):", block) and re.match(r"rule (\w+):", block).group(1) in rules]
 
 
+# A job submitted to SLURM: any but the local rules (the target, and the printf jobs that write settings files).
+SUBMITTED_RULE = r"^rule (?!all:|settings:|run_settings:)\w+:$"
+
+
 def submissions(output):
     return {int(job): int(slurm_id) for job, slurm_id in SUBMITTED.findall(output)}
 
@@ -88,13 +92,14 @@ def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, 
     profile = make_test_profile(workdir)
     args = ["--profile", str(profile), "--configfile", "slurm.yaml", "--replace-workflow-config"]
     planned = snakemake(workdir, "-n", *args, env=cluster.env).stdout
-    expected_jobs = len(re.findall(r"^rule (?!all:)\w+:$", planned, flags=re.M))
+    expected_jobs = len(re.findall(SUBMITTED_RULE, planned, flags=re.M))
 
     first = snakemake(workdir, *args, env=cluster.env, timeout=900)
     output = first.stdout + first.stderr
     jobs = submissions(output)
     assert len(jobs) == expected_jobs, output[-3000:]
-    assert "localrule all:" in output, "only the target rule runs outside SLURM"
+    assert "localrule all:" in output and "localrule settings:" in output, \
+        "the target rule and the jobs that write settings files run in Snakemake's process, the rest under SLURM"
     assert json.loads((workdir / "results/runs/lora-r16/eval.json").read_text())["tuned"]["loss"] > 0
 
     train = {run: jobs[job] for run, job in train_jobs(output).items()}
@@ -108,7 +113,7 @@ def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, 
     metrics = workdir / "finetune/evaluation/metrics.py"
     metrics.write_text(metrics.read_text() + "\n# an edit to the task metrics\n")
     stale = snakemake(workdir, "-n", *args, env=cluster.env).stdout
-    stale_jobs = len(re.findall(r"^rule (?!all:)\w+:$", stale, flags=re.M))
+    stale_jobs = len(re.findall(SUBMITTED_RULE, stale, flags=re.M))
     second = snakemake(workdir, *args, env=cluster.env, timeout=900)
     resubmitted = submissions(second.stdout + second.stderr)
     assert len(resubmitted) == stale_jobs < expected_jobs

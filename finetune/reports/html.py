@@ -26,8 +26,9 @@ class Mark:
         self.text = {"right": "✓ ", "wrong": "✗ ", "": ""}[verdict] + text
 
 
-def cell(value, css=""):
-    """One table cell: numbers right-aligned with their exact value for sorting, text preformatted."""
+def cell(value, css="", preformatted=True):
+    """One table cell: numbers right-aligned with their exact value for sorting, text preformatted
+    (or, in a sortable table, plain, to keep its columns narrow)."""
     css = f" {css}" if css else ""
     if isinstance(value, bool):
         return f"<td class='{css.strip()}'>{'true' if value else 'false'}</td>"
@@ -38,7 +39,8 @@ def cell(value, css=""):
         return f"<td class='{value.verdict}'><pre>{html.escape(value.text)}</pre></td>"
     if isinstance(value, (list, dict)):
         value = json.dumps(value)
-    return f"<td class='{css.strip()}'><pre>{html.escape('' if value is None else str(value))}</pre></td>"
+    text = html.escape("" if value is None else str(value))
+    return f"<td class='{css.strip()}'><pre>{text}</pre></td>" if preformatted else f"<td class='{css.strip()}'>{text}</td>"
 
 
 def table(headers, rows, row_classes=None, table_id=None, titles=None, cell_classes=None):
@@ -49,8 +51,8 @@ def table(headers, rows, row_classes=None, table_id=None, titles=None, cell_clas
     cell_classes = cell_classes or [""] * len(headers)
     head = "".join(f"<th title='{html.escape(str(title))}'>{html.escape(str(header))}</th>" if title
                    else f"<th>{html.escape(str(header))}</th>" for header, title in zip(headers, titles))
-    body = "".join(f"<tr class='{css}'>" + "".join(cell(v, c) for v, c in zip(row, cell_classes)) + "</tr>"
-                   for row, css in zip(rows, row_classes))
+    body = "".join(f"<tr class='{css}'>" + "".join(cell(v, c, table_id is None) for v, c in zip(row, cell_classes))
+                   + "</tr>" for row, css in zip(rows, row_classes))
     if table_id is None:
         return f"<table><tr>{head}</tr>{body}</table>"
     return (f"<div class='scroll'><table class='sortable' id='{table_id}'><thead><tr>{head}</tr></thead>"
