@@ -35,7 +35,8 @@ def test_a_grid_expands_into_one_run_per_combination_named_after_its_values(work
     swept = sorted(name for name in commands if name.startswith("lr-rank"))
     assert swept == sorted(f"lr-rank-r{r}-learning_rate{lr}" for r in (8, 16, 32) for lr in ("0.0001", "0.0002"))
     assert {"lora-r16", "full"} <= set(commands), "hand-listed runs stay"
-    train = settings_of(workdir, "lr-rank-r32-learning_rate0.0002", "train")
+    train = settings_of(workdir, ["lr-rank-r32-learning_rate0.0002"], ["train"])[
+        ("lr-rank-r32-learning_rate0.0002", "train")]
     assert (train["r"], train["learning_rate"], train["lr_scheduler"]) == (32, 0.0002, "constant_with_warmup")
 
 
@@ -45,8 +46,10 @@ def test_an_expanded_run_is_exactly_the_hand_listed_run_with_the_same_settings(w
     commands = train_commands(workdir, *configure(workdir, by_hand))
     swept = commands["lr-rank-r16-learning_rate0.0001"].replace("lr-rank-r16-learning_rate0.0001", "NAME")
     assert swept == commands["by-hand"].replace("by-hand", "NAME")
-    for stage in ("train", "evaluate", "merge", "export"):
-        assert settings_of(workdir, "lr-rank-r16-learning_rate0.0001", stage) == settings_of(workdir, "by-hand", stage)
+    stages = ("train", "evaluate", "merge", "export")
+    files = settings_of(workdir, ["lr-rank-r16-learning_rate0.0001", "by-hand"], stages)
+    for stage in stages:
+        assert files[("lr-rank-r16-learning_rate0.0001", stage)] == files[("by-hand", stage)], stage
 
 
 def test_changing_one_grid_value_plans_only_the_runs_it_touches(workdir):
@@ -69,11 +72,12 @@ def test_changing_one_grid_value_plans_only_the_runs_it_touches(workdir):
         *(f"settings[subject=runs/g-r16, stage={stage}]" for stage in ("train", "evaluate", "merge", "export"))])
 
 
-def settings_of(workdir, run, stage):
-    """The settings file of a run's stage, as the workflow writes it (its job runs here: it is local and quick)."""
-    path = f"results/runs/{run}/settings/{stage}.json"
-    snakemake(workdir, path, "--cores", "1", "--configfile", "sweep.yaml")
-    return json.loads((workdir / path).read_text())
+def settings_of(workdir, runs, stages):
+    """{(run, stage): its settings file} as the workflow writes them (the jobs run here, in one
+    Snakemake call: they are local and quick)."""
+    paths = {(run, stage): f"results/runs/{run}/settings/{stage}.json" for run in runs for stage in stages}
+    snakemake(workdir, *paths.values(), "--cores", "1", "--configfile", "sweep.yaml")
+    return {key: json.loads((workdir / path).read_text()) for key, path in paths.items()}
 
 
 def without_runs(config_text):
