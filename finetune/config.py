@@ -19,9 +19,6 @@ import os
 from finetune.settings import run_conflicts
 from finetune.sweeps import grid_runs
 
-HUB_DATASET_PREFIX = "hf://datasets/"  # a dataset path with it is a Hub dataset (data/sources.py reads it)
-
-
 def check_sweep(sweep, spec, run_settings):
     base, grid = (spec or {}).get("base") or {}, (spec or {}).get("grid")
     if not isinstance(grid, dict) or not grid:

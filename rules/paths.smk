@@ -7,6 +7,7 @@ import json
 import os
 import re
 
+from finetune.data.sources import is_hub_dataset
 from finetune.settings import declared
 
 # Files of a local model folder that only document it: editing them reruns nothing.
@@ -101,7 +102,7 @@ def dataset_files(dataset):
     revision are settings (changing them reruns it). A missing local path stays an input, so that
     Snakemake names it before any job runs."""
     path = config["datasets"][dataset]["path"]
-    if path.startswith(workflow_config.HUB_DATASET_PREFIX):
+    if is_hub_dataset(path):
         return []
     if not os.path.isdir(path):
         return [path]
