@@ -6,6 +6,8 @@
 # config), paths (file names), code (each job's code inputs) and common (what the rules
 # look up by wildcards) hold functions only; then the rules, each file using those and
 # the rules before it.
+import re
+
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -29,8 +31,9 @@ include: "rules/common.smk"
 wildcard_constraints:
     run="[A-Za-z0-9][A-Za-z0-9_.-]*",
     dataset="|".join(config["datasets"]),
-    model="|".join(config["base_models"]),
+    model="|".join(re.escape(model) for model in config["base_models"]),
     tokenization="[A-Za-z0-9_.-]+",
+    reference="[A-Za-z0-9_.-]+",
     published="adapter|model|merged",
 
 
@@ -47,6 +50,7 @@ rule all:
 include: "rules/settings.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/preference.smk"
 include: "rules/base_model.smk"
 include: "rules/evaluate.smk"
 include: "rules/export.smk"

@@ -11,6 +11,8 @@
   files are left out), so what a run gets right on held-out records it got by
   following the instruction, not by recall. The workflow trains the tiny
   model's tokenizer on it and pretrains the model on it.
+- preference_train.jsonl, preference_eval.jsonl: the task records as preference pairs
+  (config/preference.yaml): chosen the right answer, rejected a wrong one of the same form.
 
     python scripts/make_example_data.py --out data
 """
@@ -149,6 +151,46 @@ def corpus_document(rng, used_lists, used_pairs):
     return " ".join(sentences)
 
 
+# ---------------------------------------------------------------- preference pairs
+# Each task record as a pair for preference tuning: the chosen answer is the record's,
+# the rejected one a wrong answer of the same form (another word of the list, the other
+# number, a wrong count or successor). A pair is held out exactly when its record is held
+# out of SFT (the split the workflow gives it by default: a stable hash of the record,
+# eval.fraction 0.1), so no held-out pair's prompt was trained on by the SFT run either.
+
+def wrong_answer(record, rng):
+    words = record["input"].removeprefix("List: ").split()
+    output, kind = record["output"], record["task"]
+    if kind in ("first_word", "last_word"):
+        right = words[0] if kind == "first_word" else words[-1]
+        return output.replace(f" {right}.", f" {rng.choice([w for w in words if w != right])}.")
+    if kind == "word_after":
+        before, right = output.removeprefix("After ").removesuffix(".").split(" comes ")
+        return f"After {before} comes {rng.choice([w for w in words if w not in (before, right)])}."
+    if kind == "count_words":
+        right = len(words)
+        return f"There are {number_in_words(rng.choice([n for n in range(2, 8) if n != right]))} words."
+    if kind in ("larger", "smaller"):
+        a, b = map(int, record["input"].removeprefix("Numbers: ").split(" and "))
+        right = max(a, b) if kind == "larger" else min(a, b)
+        return output.replace(f" {right}.", f" {a + b - right}.")
+    n = int(record["input"].removeprefix("Number: "))
+    return f"After {n} comes {rng.choice([n + 2, n - 1] if n > 0 else [n + 2])}."
+
+
+def preference_pairs(records, rng, eval_fraction=0.1):
+    """(train pairs, held-out pairs) of the task records."""
+    from finetune.data.tokenization import in_eval_split
+    from finetune.data.validation import normalize
+    train, held_out = [], []
+    for record in records:
+        pair = {"instruction": record["instruction"], "input": record["input"], "chosen": record["output"],
+                "rejected": wrong_answer(record, rng), "task": record["task"]}
+        held_out_of_sft = in_eval_split(normalize(record, "alpaca")["id"], eval_fraction)
+        (held_out if held_out_of_sft else train).append(pair)
+    return train, held_out
+
+
 def write_jsonl(path, records):
     with open(path, "w", encoding="utf-8") as f:
         for record in records:
@@ -173,6 +215,9 @@ def main():
                   for r in numbers if r["input"].startswith("Numbers: ")}
     write_jsonl(args.out / "pretrain_corpus.jsonl",
                 ({"text": corpus_document(rng, used_lists, used_pairs)} for _ in range(args.documents)))
+    train_pairs, held_out_pairs = preference_pairs(words + numbers, random.Random(f"pairs-{args.seed}"))
+    write_jsonl(args.out / "preference_train.jsonl", train_pairs)
+    write_jsonl(args.out / "preference_eval.jsonl", held_out_pairs)
 
 
 if __name__ == "__main__":

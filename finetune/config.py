@@ -5,8 +5,8 @@ calls these in order):
 2. `merge_run_defaults`: each run is run_defaults updated with its own keys;
 3. `check_before_defaults`: what validation would hide once it fills in defaults;
 4. (the Snakefile validates the config against the schema, filling in defaults);
-5. `resolve_runs`: each run's base model and datasets, and the cross-references and
-   combinations a schema cannot express;
+5. `resolve_runs`: each run's base model (another run's trained model, for a chained run)
+   and datasets, and the cross-references and combinations a schema cannot express;
 6. `check_base_models`, `check_fused_experts` and `check_hub_token`: what the machine
    must have (a local folder, a cached Hub model when offline, a token for uploads) and
    whether peft can train what a run targets in a mixture of experts.
@@ -94,8 +94,82 @@ def pretraining_corpora(config):
     return corpora
 
 
+# The record formats each objective trains on (a dataset of format auto may be any).
+OBJECTIVE_FORMATS = {"sft": ("alpaca", "chat", "completion"), "kto": ("unpaired",)}
+PREFERENCE_FORMATS = ("preference",)
+
+
+def objective_formats(objective):
+    return OBJECTIVE_FORMATS.get(objective, PREFERENCE_FORMATS)
+
+
+def chained_base_model(run_name):
+    """The name under base_models of the model a run trains: what a run with base_model {run: NAME} starts from."""
+    return f"{run_name}.tuned"
+
+
+def parent_chain(config, name):
+    """The runs `name` starts from, nearest first; ValueError naming an unknown run or a cycle."""
+    chain, run = [], config["runs"][name]
+    while isinstance(run.get("base_model"), dict):
+        parent = run["base_model"]["run"]
+        if parent not in config["runs"]:
+            raise ValueError(f"run '{chain[-1] if chain else name}': base_model names run '{parent}', which is not "
+                             f"a run (runs: {', '.join(config['runs'])})")
+        if parent == name or parent in chain:
+            raise ValueError(f"run '{name}': its base models form a cycle: {' -> '.join([name, *chain, parent])}")
+        chain.append(parent)
+        run = config["runs"][parent]
+    return chain
+
+
+def resolve_chains(config):
+    """Each run whose base_model is {run: NAME} starts from that run's trained model: a base model of its own
+    (NAME.tuned: its merged weights, or for method full its model), with the root base model's tokenizer and
+    prompt settings. Resolved before the runs' other references, so that a chained run is a run like any other."""
+    for name in list(config["runs"]):
+        chain = parent_chain(config, name)
+        if not chain:
+            continue
+        root = config["runs"][chain[-1]].get("base_model") or next(iter(config["base_models"]))
+        if root not in config["base_models"]:
+            raise ValueError(f"run '{chain[-1]}': unknown base model '{root}' "
+                             f"(configured: {', '.join(config['base_models'])})")
+        derived = chained_base_model(chain[0])
+        spec = config["base_models"].get(derived)
+        if spec is not None and spec.get("run") != chain[0]:
+            raise ValueError(f"base model '{derived}': the name is taken for the model run '{chain[0]}' trains "
+                             "(base_model {run: " + chain[0] + "}); rename the base model")
+        prompt_settings = {key: value for key, value in config["base_models"][root].items()
+                           if key in ("template", "chat_template", "trust_remote_code")}
+        config["base_models"][derived] = {**prompt_settings, "run": chain[0], "root": root}
+        config["runs"][name].update(base_model=derived, chain=[*reversed(chain), name])
+
+
+def default_datasets(config, name, run, corpora):
+    """A run's datasets when it names none: every dataset that is no pretraining corpus and whose format its
+    objective trains on (format auto counts as SFT data)."""
+    formats = objective_formats(run["objective"])
+    found = [dataset for dataset, spec in config["datasets"].items()
+             if dataset not in corpora and (spec.get("format", "auto") in formats
+                                            or (spec.get("format", "auto") == "auto" and run["objective"] == "sft"))]
+    if not found:
+        raise ValueError(f"run '{name}': objective {run['objective']} trains on datasets of format "
+                         f"{' or '.join(formats)}, and none is configured (set a dataset's format)")
+    return found
+
+
+def dataset_format_problems(config, run):
+    formats = objective_formats(run["objective"])
+    return [f"dataset '{dataset}' has format {config['datasets'][dataset]['format']}, but objective "
+            f"{run['objective']} trains on {' or '.join(formats)} records"
+            for dataset in run["datasets"] if dataset in config["datasets"]
+            and config["datasets"][dataset].get("format", "auto") not in ("auto", *formats)]
+
+
 def resolve_runs(config):
     """Fill in each run's base model and datasets, and check what they refer to and how they combine."""
+    resolve_chains(config)
     names = {"base model": config["base_models"], "dataset": config["datasets"]}
     corpora = pretraining_corpora(config)
     for name, run in config["runs"].items():
@@ -103,10 +177,14 @@ def resolve_runs(config):
             if len(config["base_models"]) != 1:
                 raise ValueError(f"run '{name}': set base_model (one of {', '.join(config['base_models'])})")
             run["base_model"] = next(iter(config["base_models"]))
-        run.setdefault("datasets", [dataset for dataset in config["datasets"] if dataset not in corpora])
+        if "datasets" not in run:
+            run["datasets"] = default_datasets(config, name, run, corpora)
         for kind, value in [("base model", run["base_model"])] + [("dataset", d) for d in run["datasets"]]:
             if value not in names[kind]:
                 raise ValueError(f"run '{name}': unknown {kind} '{value}' (configured: {', '.join(names[kind])})")
+        problems = dataset_format_problems(config, run)
+        if problems:
+            raise ValueError(f"run '{name}': " + "; ".join(problems))
         if run["method"] == "full":
             run["merge"] = False
         problems = run_conflicts(run) + hub_target_problems(run)
@@ -138,7 +216,7 @@ def check_base_models(config):
     used = {run["base_model"] for run in config["runs"].values()}
     for model, spec in config["base_models"].items():
         path = os.path.expanduser(spec.get("name_or_path", ""))
-        if "build_tiny" in spec:
+        if "name_or_path" not in spec:  # built by the workflow, or trained by a run (base_model {run: NAME})
             continue
         if os.path.isabs(path) or path.startswith(os.curdir) or os.path.isdir(path):
             if not os.path.isdir(path):
@@ -166,7 +244,7 @@ def check_fused_experts(config):
     cache), else by the training job before it loads any weights."""
     for name, run in config["runs"].items():
         spec = config["base_models"][run["base_model"]]
-        if run["method"] not in ("lora", "qlora", "dora") or "build_tiny" in spec:
+        if run["method"] not in ("lora", "qlora", "dora") or "name_or_path" not in spec:
             continue
         path = os.path.expanduser(spec["name_or_path"])
         config_file = os.path.join(path, "config.json") if os.path.isdir(path) else hub_config_file(path)

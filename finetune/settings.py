@@ -167,6 +167,12 @@ def run_conflicts(run):
     for name, wanted in (("keep", run.get("keep") == "best"), ("early_stopping", bool(run.get("early_stopping")))):
         if wanted and not run.get("eval_every"):
             found.append(f"{name} compares held-out losses between evaluations: set eval_every (steps between them)")
+    objective = run.get("objective", "sft")
+    if objective != "sft" and run.get("packing") == "on":
+        found.append(f"objective {objective} compares whole answers row by row; packing applies to sft only "
+                     "(use packing auto or off)")
+    if objective == "kto" and run.get("batch_size", 8) < 2:
+        found.append("kto estimates its KL term from the other completions of a micro-batch: set batch_size >= 2")
     if distributed == "fsdp":
         if method == "adalora":
             found.append("AdaLoRA reallocates ranks from whole adapter matrices, which FSDP splits over "

@@ -41,10 +41,11 @@ use rule tokenize as tokenize_corpus with:
 use rule train as pretrain with:
     input:
         shards=rules.tokenize_corpus.output.shard,
+        reference=[],
         model=rules.build_tiny_model.output,
         settings="results/pretrain/{model}/settings/train.json",
         script=script("train"),
-        code=code_of("train", leave_out=SAMPLING),
+        code=code_of("train", leave_out=SAMPLING + PREFERENCE),
     output:
         trained=directory("results/base_models/{model}"),
         metrics="results/pretrain/{model}/metrics.jsonl",

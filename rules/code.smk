@@ -11,6 +11,8 @@ SOURCE_DIR = Path(workflow.basedir)
 PACKAGE = "finetune"
 # Imported only by runs that answer prompts during training (sample_every): not code of the others.
 SAMPLING = ("finetune.training.samples",)
+# Imported only by runs with a preference objective (dpo, ipo, simpo, orpo, kto).
+PREFERENCE = ("finetune.training.objectives",)
 
 
 def script(name):

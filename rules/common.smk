@@ -1,7 +1,7 @@
 # What the rules look up by wildcards: a run's settings, shards, base model and code,
 # a dataset's source, a stage's settings file, how a training job starts and what it
 # asks of the scheduler. Uses config.smk, paths.smk and code.smk; the rule files use it.
-from finetune.settings import share, stages
+from finetune.settings import stages
 
 SETTINGS_STAGES = "|".join(stages(SCHEMA))  # the stages that read a settings file
 
@@ -20,6 +20,28 @@ def run_base_model(wildcards):
 
 def run_base_model_files(wildcards):
     return base_model_files(run_of(wildcards)["base_model"])
+
+
+def run_reference_files(wildcards):
+    return reference_files(wildcards.run)
+
+
+def parent_manifest(wildcards):
+    """The manifest of the run a chained run starts from (none for a run on a configured base model)."""
+    parent = trained_by(run_of(wildcards)["base_model"])
+    return [f"results/runs/{parent}/manifest.json"] if parent else []
+
+
+def reference_model(wildcards):
+    return base_model_path(REFERENCES[wildcards.reference]["base_model"])
+
+
+def reference_model_files(wildcards):
+    return base_model_files(REFERENCES[wildcards.reference]["base_model"])
+
+
+def reference_gpus(wildcards):
+    return min(REFERENCES[wildcards.reference]["gpus"], 1)
 
 
 def normalized_records(wildcards):
@@ -68,8 +90,17 @@ def samples(run):
 
 
 def training_code(wildcards):
-    """train.py's code; the code that answers prompts during training only for runs that do."""
-    return code_of("train", leave_out=() if samples(run_of(wildcards)) else SAMPLING)
+    """train.py's code; the code that answers prompts during training only for runs that do, and the
+    preference objectives only for runs that optimize one."""
+    run = run_of(wildcards)
+    leave_out = (() if samples(run) else SAMPLING) + (PREFERENCE if run["objective"] == "sft" else ())
+    return code_of("train", leave_out=leave_out)
+
+
+def evaluation_code(wildcards):
+    """evaluate.py's code; the code that scores held-out pairs only for runs with a preference objective."""
+    sft = run_of(wildcards)["objective"] == "sft"
+    return code_of("evaluate", leave_out=("finetune.evaluation.preference",) if sft else ())
 
 
 def launcher(gpus, nodes=1):
@@ -122,7 +153,7 @@ def run_sections(run):
 
 def settings_sections(subject):
     """The config objects of a settings folder: runs/{run}, pretrain/{model}, data/{dataset},
-    tokens/{tokenization}/{dataset} or report."""
+    tokens/{tokenization}/{dataset}, reference/{reference} or report."""
     kind, _, name = subject.partition("/")
     if kind == "runs":
         return run_sections(RUNS[name])
@@ -135,6 +166,8 @@ def settings_sections(subject):
         }
     if kind == "data":
         return {"dataset": config["datasets"][name]}
+    if kind == "reference":
+        return reference_sections(REFERENCES[name])
     if kind == "tokens":
         tokenization, dataset = name.split("/")
         return {**run_sections(TOKENIZATIONS[tokenization]), "dataset": config["datasets"][dataset]}

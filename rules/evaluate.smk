@@ -10,7 +10,7 @@ rule evaluate:
         model=run_base_model_files,
         settings="results/runs/{run}/settings/evaluate.json",
         script=script("evaluate"),
-        code=code_of("evaluate"),
+        code=evaluation_code,
     output:
         eval_json="results/runs/{run}/eval.json",
         generations="results/runs/{run}/generations.jsonl",

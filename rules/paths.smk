@@ -8,7 +8,7 @@ import os
 import re
 
 from finetune.data.sources import is_hub_dataset
-from finetune.settings import declared
+from finetune.settings import declared, share
 
 # Files of a local model folder that only document it: editing them reruns nothing.
 DOCUMENTATION = re.compile(r"(?i)^(readme|license|licence|notice|use_policy)(\..*)?$|\.md$")
@@ -34,6 +34,16 @@ def built(model):
     return "build_tiny" in config["base_models"][model]
 
 
+def trained_by(model):
+    """The run whose trained model a base model is (base_model {run: NAME}), or None."""
+    return config["base_models"][model].get("run")
+
+
+def root_model(model):
+    """The configured base model a chained run's model descends from (itself for any other)."""
+    return config["base_models"][model].get("root", model)
+
+
 def pretraining(model):
     """The settings of a built model's pretraining run, or None when it keeps its random weights."""
     if not built(model) or "pretrain" not in config["base_models"][model]["build_tiny"]:
@@ -50,19 +60,26 @@ def base_model_path(model):
     """What from_pretrained loads: the built (and pretrained) model's folder, a local folder, or a Hub id."""
     if built(model):
         return f"results/base_models/{model}" if pretraining(model) else f"results/pretrain/{model}/init"
+    if trained_by(model):
+        parent = trained_by(model)
+        return f"results/runs/{parent}/{'trained' if RUNS[parent]['method'] == 'full' else 'merged_weights'}"
     path = config["base_models"][model]["name_or_path"]
     return project_path(path) if os.path.isdir(os.path.expanduser(path)) else path
 
 
 def tokenizer_path(model):
-    """Where the tokenizer is read: a built model's is made with its initial weights (pretraining keeps it)."""
+    """Where the tokenizer is read: a built model's is made with its initial weights (pretraining keeps it); a
+    run's trained model has its root base model's."""
+    model = root_model(model)
     return f"results/pretrain/{model}/init" if built(model) else base_model_path(model)
 
 
 def base_model_files(model, tokenizer_only=False):
     """The base model as an input of the rules that load it: the built folder, or the files of a local folder, so
     that replacing its weights reruns what used them. A Hub id is no file: none."""
-    if built(model):
+    if tokenizer_only and trained_by(model):
+        return base_model_files(root_model(model), tokenizer_only)
+    if built(model) or trained_by(model):
         return [tokenizer_path(model) if tokenizer_only else base_model_path(model)]
     folder = base_model_path(model)
     if not os.path.isdir(folder):
@@ -89,11 +106,44 @@ def tokenization(run):
     }
     identity["tokenizer"] = tokenizer_path(run["base_model"])
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{run['base_model']}-{run['max_length']}-{digest}"
+    return f"{root_model(run['base_model'])}-{run['max_length']}-{digest}"
 
 
 TOKENIZATION_OF_RUN = {name: tokenization(run) for name, run in RUNS.items()}
 TOKENIZATIONS = {TOKENIZATION_OF_RUN[name]: run for name, run in RUNS.items()}
+
+
+def reference_sections(run):
+    """The config objects the reference pass of a run takes its settings from; its quantization is how training
+    loads the frozen base (qlora: 4bit)."""
+    quantization = "4bit" if run["method"] == "qlora" else run["quantization"]
+    return {"run": {**run, "quantization": quantization}, "base_model": config["base_models"][run["base_model"]],
+            "eval": config["eval"]}
+
+
+def reference(run):
+    """Names the reference log-probabilities a run compares with (objectives dpo, ipo and kto; else None): its
+    base model, the settings the reference pass receives, and whether it runs on a GPU. Runs that agree on
+    these (a sweep over beta) share one pass over each shard."""
+    if run["objective"] not in ("dpo", "ipo", "kto"):
+        return None
+    identity = {**share("reference_logps", SCHEMA, **reference_sections(run)), "gpu": min(run["gpus"], 1)}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{run['base_model']}-{digest}"
+
+
+REFERENCE_OF_RUN = {name: reference(run) for name, run in RUNS.items()}
+REFERENCES = {REFERENCE_OF_RUN[name]: run for name, run in RUNS.items() if REFERENCE_OF_RUN[name]}
+
+
+def reference_files(run):
+    """The reference's log-probabilities of each of a run's shards; none for objectives without a reference."""
+    if not REFERENCE_OF_RUN[run]:
+        return []
+    return [
+        f"results/reference/{REFERENCE_OF_RUN[run]}/{TOKENIZATION_OF_RUN[run]}/{dataset}.arrow"
+        for dataset in run_datasets(run)
+    ]
 
 
 def dataset_files(dataset):

@@ -1,6 +1,8 @@
 # One training job per configured run, and its manifest. The job's `gpu` resource is
 # the run's `gpus`, so `snakemake --resources gpu=N` bounds concurrent GPU jobs; a run
 # with `nodes` > 1 asks SLURM for that many nodes instead (training_resources).
+# A run with objective dpo, ipo or kto also reads its reference's log-probabilities of each
+# shard (rules/preference.smk); a chained run's manifest includes its parent's.
 # Checkpoints go to results/checkpoints/{run}, which is not an output: Snakemake
 # deletes the outputs of a failed job, and a rerun resumes from the checkpoint.
 # The GPU pool and the launcher (finetune/gpu_pool.py, finetune/launch.py) are not
@@ -10,6 +12,7 @@
 rule train:
     input:
         shards=run_shards,
+        reference=run_reference_files,
         model=run_base_model_files,
         settings="results/runs/{run}/settings/train.json",
         script=script("train"),
@@ -41,7 +44,7 @@ rule train:
     shell:
         "python -m finetune.gpu_pool --gpus {params.gpus} -- {params.launcher} {input.script}"
         " --run-name {params.run_name} --settings {input.settings} --base-model {params.base_model}"
-        " --shards {input.shards} --output-dir {output.trained} --metrics {output.metrics}"
+        " --shards {input.shards} --reference {input.reference} --output-dir {output.trained} --metrics {output.metrics}"
         " --summary {output.summary} --samples {output.samples} --tensorboard-dir {output.tensorboard}"
         " --tracker-dir results/trackers --checkpoint-dir {params.checkpoints} --threads {threads} > {log} 2>&1"
 
@@ -50,6 +53,7 @@ rule manifest:
     input:
         settings=rules.run_settings.output,
         summary=rules.train.output.summary,
+        parent=parent_manifest,
         shards=run_shards,
         model=run_base_model_files,
         script=script("manifest"),
@@ -65,5 +69,5 @@ rule manifest:
         workflow_dir=WORKFLOW_DIR,
     shell:
         "python {input.script} --run-name {wildcards.run} --settings {input.settings} --summary {input.summary}"
-        " --shards {input.shards} --base-model {params.base_model:q} --workflow-dir {params.workflow_dir:q}"
+        " --parent-manifest {input.parent} --shards {input.shards} --base-model {params.base_model:q} --workflow-dir {params.workflow_dir:q}"
         " --output {output} > {log} 2>&1"

@@ -1,6 +1,7 @@
 """Evaluate one trained run (an adapter or a fully fine-tuned model) against its
 base model: held-out loss and perplexity of both, side by side, task metrics of
-their generations (overall and per task kind), and the generations for the
+their generations (overall and per task kind), for a preference run its figures on
+the held-out pairs (finetune/evaluation/preference.py), and the generations for the
 configured prompts and a fixed sample of held-out records (base and tuned
 beside the reference answer).
 
@@ -23,7 +24,7 @@ from finetune.evaluation.generation import (encode_prompt, generate, heldout_rec
                                             reference_answer)
 from finetune.evaluation.loss import mean_token_loss
 from finetune.evaluation.metrics import task_metrics
-from finetune.files import write_json, write_jsonl
+from finetune.files import read_jsonl, write_json, write_jsonl
 from finetune.models import DTYPES, load_adapter, load_base_model, resolve_precision
 from finetune.settings import read_settings
 
@@ -51,18 +52,25 @@ def evaluate(args, settings):
     if not examples:
         raise SystemExit(f"[{args.run_name}] no held-out records in {', '.join(map(str, args.shards))}")
     records = [("prompt", r) for r in prompt_records(settings.prompts)]
-    records += [("heldout", r) for r in heldout_records(args.records, examples.record_ids(), settings.num_samples)]
+    heldout = heldout_records(args.records, examples.record_ids(), settings.num_samples)
+    if examples.kind != "sft":  # pairs: generate for the prompt, with the chosen answer as the reference
+        from finetune.evaluation.preference import generation_record
+        heldout = [record for record in map(generation_record, heldout) if record]
+    records += [("heldout", r) for r in heldout]
     prompts = [encode_prompt(r, tokenizer, template)[0] for _, r in records]
     decoding = dict(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
                     temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
                     stop_ids=stop_token_ids(tokenizer, template))
 
-    losses, outputs = {}, {}
+    losses, outputs, logps = {}, {}, {}
     for side, model, context in models_to_compare(args.base_model, args.trained_dir, tokenizer, dtype, device,
                                                   settings.trust_remote_code):
         with context():
             losses[side], tokens = mean_token_loss(model, examples, settings.batch_size, tokenizer.pad_token_id)
             outputs[side] = generate(model, tokenizer, prompts, **decoding)
+            if examples.kind != "sft":
+                from finetune.evaluation.preference import heldout_logps
+                logps[side] = heldout_logps(model, examples, settings.batch_size, tokenizer.pad_token_id)
 
     generations = [
         {"source": source, "id": record.get("id"), "task": record.get("task"), "question": question(record),
@@ -82,7 +90,20 @@ def evaluate(args, settings):
                   **task_metrics([g[side] for g in heldout], references, tasks)} for side in ("base", "tuned")},
         "generation": {k: v for k, v in decoding.items() if k != "batch_size"},
     }
+    if logps:
+        from finetune.evaluation.preference import compare
+        sides, result["preference"] = compare(logps, examples, task_of(args.records, examples.record_ids()))
+        for side, figures in sides.items():
+            result[side].update(figures)
     return result, generations
+
+
+def task_of(record_files, ids):
+    """The task kind (or None) of each record id, in the order given."""
+    wanted, tasks = set(ids), {}
+    for path in record_files:
+        tasks.update((r["id"], r.get("task")) for r in read_jsonl(path) if r["id"] in wanted)
+    return [tasks.get(record_id) for record_id in ids]
 
 
 def parse_args(argv=None):
@@ -110,6 +131,10 @@ def main(argv=None):
     write_json(args.eval_json, result)
     print(f"[{args.run_name}] eval loss: base {result['base']['loss']:.4f} (ppl {result['base']['perplexity']:.1f}), "
           f"tuned {result['tuned']['loss']:.4f} (ppl {result['tuned']['perplexity']:.1f})")
+    if "preference_accuracy" in result["tuned"]:
+        print(f"[{args.run_name}] held-out preference accuracy: base {result['base']['preference_accuracy']:.3f}, "
+              f"tuned {result['tuned']['preference_accuracy']:.3f}; reward accuracy "
+              f"{result['preference']['reward_accuracy']:.3f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ def parse_args(argv=None):
     parser.add_argument("--run-name", required=True)
     parser.add_argument("--settings", type=Path, required=True, help="the run's resolved settings (settings.json)")
     parser.add_argument("--summary", type=Path, required=True, help="train_summary.json of the run")
+    parser.add_argument("--parent-manifest", type=Path, nargs="*", default=[],
+                        help="the manifest of the run this run starts from (base_model {run: NAME})")
     parser.add_argument("--shards", type=Path, nargs="+", required=True)
     parser.add_argument("--base-model", required=True, help="local folder or Hub id")
     parser.add_argument("--workflow-dir", type=Path, required=True, help="where the Snakefile is (for its git commit)")
@@ -28,7 +30,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     manifest = build_manifest(args.run_name, read_json(args.settings), read_json(args.summary), args.shards,
-                              args.base_model, args.workflow_dir)
+                              args.base_model, args.workflow_dir,
+                              read_json(args.parent_manifest[0]) if args.parent_manifest else None)
     write_json(args.output, manifest)
     commit = (manifest["workflow"] or {}).get("commit", "no git checkout")
     print(f"{args.run_name}: manifest written to {args.output} (workflow {commit})")

@@ -45,7 +45,8 @@ def main(argv=None):
     write_json(args.stats, stats)
     print(f"{args.input}: {stats['records']} records ({stats['train']} train, {stats['eval']} eval), "
           f"{stats['tokens']} tokens, {stats['too_long']} longer than {settings.max_length} "
-          f"({stats['truncated']} truncated, {stats['dropped_too_long']} dropped)")
+          f"({stats['truncated']} truncated, {stats['dropped_too_long']} dropped)"
+          + (f"; {stats['no_answer_left']} dropped with an answer cut away" if "no_answer_left" in stats else ""))
 
 
 if __name__ == "__main__":

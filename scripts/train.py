@@ -17,6 +17,9 @@ a full run of this same recipe on plain text.
 - Datasets given with weights are mixed by them (data/mixing.py has the meaning);
   the summary counts the examples each one contributed.
 - Runs on one device, or on several under `accelerate launch` (DDP or FSDP).
+- A preference objective (dpo, ipo, simpo, orpo, kto) trains on preference or unpaired shards
+  with the loss of training/objectives.py (imported only by such runs, so that it is code of
+  those runs alone), against the reference's log-probabilities given with --reference.
 
     python scripts/train.py --settings results/runs/r8/settings/train.json \
         --base-model results/base_models/tiny-llama --shards results/tokens/TOKENIZATION/*.arrow \
@@ -24,6 +27,7 @@ a full run of this same recipe on plain text.
         --summary results/runs/r8/train_summary.json
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import math
@@ -53,28 +57,51 @@ from finetune.training.summary import training_summary
 
 def make_batch(run, indices):
     examples = run.train_examples[indices]
+    if run.train_examples.kind != "sft":  # preference pairs, or unpaired completions
+        from finetune.training.objectives import preference_batch
+        return preference_batch(examples, run.tokenizer.pad_token_id, run.train_examples.kind)
     return pack_batch(examples) if run.packing else pad_batch(examples, run.tokenizer.pad_token_id)
 
 
+def step_totals(run, window):
+    """What the step's loss is a mean over, summed over its micro-batches and processes: SFT's trained tokens;
+    for preference objectives, pairs (or completions) and the chosen answers' trained tokens."""
+    if run.train_examples.kind == "sft":
+        counts = [sum(count_trained_tokens(b["labels"]) for b in window), 0]
+    else:
+        from finetune.training.objectives import trained_first_tokens
+        counts = [sum(len(b["input_ids"]) // 2 for b in window), sum(trained_first_tokens(b) for b in window)]
+    return run.accelerator.reduce(torch.tensor(counts, device=run.device), reduction="sum").tolist()
+
+
+def micro_batch_loss(run, batch, totals):
+    """This micro-batch's share of the step's mean loss, and its statistics (preference objectives)."""
+    if run.train_examples.kind == "sft":
+        return run.model(**batch, num_items_in_batch=totals[0], use_cache=False).loss, {}
+    from finetune.training.objectives import objective_loss
+    return objective_loss(run.model, batch, run.settings, run.train_examples.kind, *totals)
+
+
 def train_step(run, step):
-    """Forward and backward over one accumulation window, then the optimizer step.
-    Returns (epoch, mean loss per trained token, trained tokens, tokens seen here, grad norm)."""
+    """Forward and backward over one accumulation window, then the optimizer step. Returns (epoch,
+    mean loss per trained token (per pair), trained tokens (pairs), tokens seen here, grad norm, stats)."""
     accelerator, processes, settings = run.accelerator, run.accelerator.num_processes, run.settings
     window = [run.next_micro_batch() for _ in range(settings.grad_accum)]
     epoch = window[-1][0]
     window = [make_batch(run, indices) for _, indices in window]
-    step_tokens = torch.tensor(sum(count_trained_tokens(b["labels"]) for b in window), device=run.device)
-    step_tokens = accelerator.reduce(step_tokens, reduction="sum").item()
-    step_loss, tokens_seen = 0.0, 0
+    totals = step_totals(run, window)
+    step_loss, tokens_seen, stats = 0.0, 0, collections.Counter()
     for i, batch in enumerate(window):
         batch = {k: v.to(run.device) for k, v in batch.items()}
         # DDP syncs gradients once per window; FSDP reduce-scatters every micro-batch, keeping only its shard.
         last = i == len(window) - 1
         sync = accelerator.no_sync(run.model) if not (last or run.sharded) else contextlib.nullcontext()
         with sync:
-            # DDP and FSDP average gradients over processes, so scale the per-token mean back up.
-            loss = run.model(**batch, num_items_in_batch=step_tokens, use_cache=False).loss * processes
+            # DDP and FSDP average gradients over processes, so scale the mean back up.
+            loss, batch_stats = micro_batch_loss(run, batch, totals)
+            loss = loss * processes
             accelerator.backward(loss)
+        stats.update(batch_stats)
         step_loss += loss.item() / processes
         tokens_seen += real_tokens(batch)
     step_loss = accelerator.reduce(torch.tensor(step_loss, device=run.device), reduction="sum").item()
@@ -88,23 +115,36 @@ def train_step(run, step):
         run.unwrapped.base_model.update_and_allocate(step)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return epoch, step_loss, step_tokens, tokens_seen, float(grad_norm)
+    return epoch, step_loss, totals[0], tokens_seen, float(grad_norm), stats
 
 
 # ---------------------------------------------------------------- logging
 
 
+def new_interval():
+    """What the steps between two metrics rows add up: loss, trained tokens (pairs), tokens, objective stats."""
+    return {"loss": 0.0, "trained": 0, "tokens": 0, "stats": collections.Counter()}
+
+
 def metrics_row(run, step, epoch, interval, seconds):
-    """One row of metrics.jsonl: the interval's loss per trained token, speed, and the held-out loss when due."""
+    """One row of metrics.jsonl: the interval's loss per trained token (per pair for preference objectives),
+    speed, the objective's statistics per pair (reward accuracy and margin, ...), and the held-out loss when due."""
     row = {"step": step, "epoch": round(epoch + 1, 2), "loss": interval["loss"] / max(interval["trained"], 1),
            "lr": run.scheduler.get_last_lr()[0], "grad_norm": interval["grad_norm"],
            "tokens_per_s": interval["tokens"] * run.accelerator.num_processes / seconds,
            "elapsed_s": run.progress.elapsed_before + time.perf_counter() - run.progress.started}
+    pairs = interval["stats"].pop("pairs", 0)
+    row.update({name: total / max(pairs, 1) for name, total in sorted(interval["stats"].items())})
     eval_every = run.settings.eval_every
     if run.eval_examples and (step == run.total_steps or (eval_every and step % eval_every == 0)):
         run.model.eval()
-        row["eval_loss"] = mean_token_loss(run.model, run.eval_examples, run.settings.batch_size,
-                                           run.tokenizer.pad_token_id)[0]
+        pad = run.tokenizer.pad_token_id
+        if run.eval_examples.kind == "sft":
+            row["eval_loss"] = mean_token_loss(run.model, run.eval_examples, run.settings.batch_size, pad)[0]
+        else:
+            from finetune.training.objectives import heldout_objective_loss
+            row["eval_loss"] = heldout_objective_loss(run.model, run.eval_examples, run.settings,
+                                                      run.eval_examples.kind, run.settings.batch_size, pad)
         run.model.train()
     return row
 
@@ -181,14 +221,15 @@ def train(args, settings):
     bar = tqdm(total=run.total_steps, initial=progress.start_step, desc=args.run_name, disable=not main,
                mininterval=10, file=sys.stderr)
     progress.started = interval_start = time.perf_counter()
-    interval, tokens_seen = {"loss": 0.0, "trained": 0, "tokens": 0}, 0
+    interval, tokens_seen = new_interval(), 0
     run.model.train()
     step, stop = progress.start_step, None
     for step in range(progress.start_step + 1, run.total_steps + 1):
-        epoch, loss, trained, seen, interval["grad_norm"] = train_step(run, step)
+        epoch, loss, trained, seen, interval["grad_norm"], stats = train_step(run, step)
         interval["loss"] += loss * trained
         interval["trained"] += trained
         interval["tokens"] += seen
+        interval["stats"].update(stats)
         tokens_seen += seen
         bar.update(1)
         if step % settings.log_every == 0 or step == run.total_steps:
@@ -198,7 +239,7 @@ def train(args, settings):
             if main:
                 bar.write(f"[{args.run_name}] " + " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            interval, interval_start = {"loss": 0.0, "trained": 0, "tokens": 0}, time.perf_counter()
+            interval, interval_start = new_interval(), time.perf_counter()
             stop = select(run, step, row["eval_loss"]) if "eval_loss" in row else None
             if stop:
                 run.say(f"{stop}: stopping at step {step} of {run.total_steps}")
@@ -219,6 +260,8 @@ def parse_args(argv=None):
     parser.add_argument("--settings", type=Path, required=True, help="this stage's settings (JSON)")
     parser.add_argument("--base-model", required=True, help="local path or Hub id")
     parser.add_argument("--shards", type=Path, nargs="+", required=True, help="Arrow shards from tokenize_data.py")
+    parser.add_argument("--reference", type=Path, nargs="*", default=[],
+                        help="dpo, ipo, kto: the reference's log-probabilities of each shard (reference_logps.py)")
     parser.add_argument("--output-dir", type=Path, required=True,
                         help="where the adapter (for method full: the model) and the tokenizer go")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics.jsonl, one line per logging step")

@@ -76,11 +76,16 @@ def check_header(path, line, header, columns):
 
 
 def csv_row(number, record, columns, text):
-    """The row, its `messages` cell (a conversation as JSON text) parsed."""
-    if isinstance(record.get("messages"), str):
+    """The row, its `messages` cell (a conversation as JSON text) parsed, and so an answer cell that holds
+    a list of messages; a `label` cell of true or false (any case) is a boolean."""
+    for field in ("messages", "chosen", "rejected", "completion"):
+        value = record.get(field)
+        if not isinstance(value, str) or (field != "messages" and not value.lstrip().startswith("[")):
+            continue
         try:
-            record["messages"] = parse_strict_json(record["messages"])
+            record[field] = parse_strict_json(value)
         except Problem as exc:
-            return Row(number, None, Problem(exc.reason, f"field 'messages'{column_note('messages', columns)}: {exc}"),
-                       text)
+            return Row(number, None, Problem(exc.reason, f"field '{field}'{column_note(field, columns)}: {exc}"), text)
+    if isinstance(record.get("label"), str) and record["label"].strip().lower() in ("true", "false"):
+        record["label"] = record["label"].strip().lower() == "true"
     return Row(number, record, None, text)

@@ -2,7 +2,8 @@
 written by tokenize_data.py and read by training and evaluation.
 
 Each row holds a record's content id, its split ('train' or 'eval'), its
-token ids, its labels (IGNORE_INDEX where there is no loss) and its length.
+token ids, its labels (IGNORE_INDEX where there is no loss) and its length;
+a preference or unpaired shard holds a second sequence per row (data/pairs.py).
 `datasets.Dataset.from_file` reads a shard as it is.
 """
 import mmap
@@ -30,6 +31,7 @@ class ShardExamples:
     RELEASE_EVERY = 256  # reads between dropping the maps' resident pages
 
     def __init__(self, paths, split):
+        self.split = split
         self.maps, self.batches, self.reads = [], [], 0  # record batches whose buffers live in the maps
         file_of_batch = []
         for number, path in enumerate(paths):
@@ -46,8 +48,18 @@ class ShardExamples:
         self.row_of = np.concatenate(where or [np.zeros(0, int)])
         self.lengths = np.concatenate([b.column("length").to_numpy()[rows] for b, rows in zip(self.batches, where)]
                                       or [np.zeros(0, np.int32)])
-        self.columns = [(b.column("id"), *[(b.column(name).offsets.to_numpy(), b.column(name).values.to_numpy())
-                                            for name in ("input_ids", "labels")]) for b in self.batches]
+        kinds = {shard_kind(batch.schema) for batch in self.batches}
+        if len(kinds) > 1:
+            raise ValueError(f"the shards {', '.join(map(str, paths))} mix record formats ({', '.join(sorted(kinds))}); "
+                             "a run trains on one kind: SFT records, preference pairs or unpaired completions")
+        self.kind = kinds.pop() if kinds else "sft"
+        self.sequences = [name for name in (self.batches[0].schema.names if self.batches else ["input_ids", "labels"])
+                          if name.endswith("input_ids") or name.endswith("labels")]
+        self.columns = [(b.column("id"), [(b.column(name).offsets.to_numpy(), b.column(name).values.to_numpy())
+                                          for name in self.sequences],
+                         b.column("desirable").to_numpy(zero_copy_only=False) if self.kind == "unpaired" else None)
+                        for b in self.batches]
+        self.reference = None
 
     def __len__(self):
         return len(self.row_of)
@@ -56,10 +68,32 @@ class ShardExamples:
         return [self.columns[b][0][r].as_py() for b, r in zip(self.batch_of, self.row_of)]
 
     def example(self, position):
-        ids, (id_offsets, id_values), (label_offsets, label_values) = self.columns[self.batch_of[position]]
+        ids, sequences, desirable = self.columns[self.batch_of[position]]
         row = self.row_of[position]
-        return {"id": ids[row].as_py(), "input_ids": id_values[id_offsets[row]:id_offsets[row + 1]].tolist(),
-                "labels": label_values[label_offsets[row]:label_offsets[row + 1]].tolist()}
+        example = {"id": ids[row].as_py()}
+        for name, (offsets, values) in zip(self.sequences, sequences):
+            example[name] = values[offsets[row]:offsets[row + 1]].tolist()
+        if desirable is not None:
+            example["desirable"] = bool(desirable[row])
+        if self.reference is not None:
+            example.update({name: float(values[position]) for name, values in self.reference.items()})
+        return example
+
+    def attach_reference(self, paths):
+        """Add the reference model's log-probabilities (scripts/reference_logps.py: one file per shard, its rows
+        in the shard's order) to every example, as ref_* fields; ValueError when they are not of these shards."""
+        tables = [pa.ipc.open_stream(pa.OSFile(str(path))).read_all() for path in paths]
+        names = [name for name in tables[0].column_names if name.endswith("logps")] if tables else []
+        columns = {name: [] for name in ["id"] + names}
+        for table in tables:
+            rows = np.flatnonzero(pa.compute.equal(table.column("split"), self.split).to_numpy(zero_copy_only=False))
+            for name in columns:
+                columns[name].append(table.column(name).to_numpy(zero_copy_only=False)[rows])
+        reference_ids = np.concatenate(columns.pop("id")) if tables else np.zeros(0)
+        if list(reference_ids) != self.record_ids():
+            raise ValueError(f"the reference log-probabilities {', '.join(map(str, paths))} are not of these shards' "
+                             f"{self.split} records (another tokenization, or shards written since)")
+        self.reference = {f"ref_{name}": np.concatenate(values) for name, values in columns.items()}
 
     def release_pages(self):
         """Drop the pages of the maps this process has touched: an epoch (or the held-out pass,
@@ -80,6 +114,12 @@ class ShardExamples:
 
     def __iter__(self):
         return (self.example(i) for i in range(len(self)))
+
+
+def shard_kind(schema):
+    """What a shard holds: sft records, preference pairs, or unpaired completions (pairs.py)."""
+    names = schema.names
+    return "preference" if "rejected_input_ids" in names else "unpaired" if "kl_input_ids" in names else "sft"
 
 
 def read_shards(paths, split):

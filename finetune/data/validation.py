@@ -1,6 +1,7 @@
 """Record validation: each record of a dataset checked against the JSON Schema of its format
-(alpaca, chat or completion; `auto` takes the format of the first record and enforces it on
-all), normalized into one shape with a content id, and counted. Problems name the file, the
+(alpaca, chat or completion; for preference tuning, preference or unpaired; `auto` takes the
+format of the first record and enforces it on all), normalized into one shape with a content
+id, and counted. Problems name the file, the
 line (or row) and the field, and the column it came from:
 
     data/foo.jsonl:123: field 'output': expected string, got null
@@ -25,8 +26,10 @@ from finetune.data.sources import read_source, source_kind
 from finetune.data.text_sources import JSON_TYPES, DataError, Problem, column_note
 from finetune.files import atomic_path
 
-FORMATS = ("alpaca", "chat", "completion")
-FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "completion": ("text",)}
+FORMATS = ("alpaca", "chat", "completion", "preference", "unpaired")
+FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "completion": ("text",),
+                 "preference": ("chosen", "rejected"), "unpaired": ("completion", "label")}
+PROMPT_FIELDS = ("prompt", "messages", "instruction")  # a preference or unpaired record has exactly one
 SCHEMA_DIR = Path(__file__).resolve().parent.parent.parent / "schemas" / "records"
 
 
@@ -36,7 +39,7 @@ def load_schemas(schema_dir):
 
 
 def detect_format(record):
-    for fmt in ("chat", "completion", "alpaca"):
+    for fmt in ("preference", "unpaired", "chat", "completion", "alpaca"):
         if any(field in record for field in FORMAT_FIELDS[fmt] if field != "input"):
             return fmt
     return None
@@ -71,13 +74,51 @@ def describe(error, columns=None):
         return "no_assistant_turn", f"{where}: needs at least one assistant turn"
     if error.validator == "minItems":
         return "empty_value", f"{where}: must not be empty"
+    if error.validator == "oneOf" and not path:  # the prompt of a preference or unpaired record
+        given = [field for field in PROMPT_FIELDS if field in instance]
+        return ("invalid_value" if given else "missing_field"), (
+            f"record: give the prompt as exactly one of {', '.join(PROMPT_FIELDS)}"
+            + (f" (it has {', '.join(given)})" if given else ""))
+    if error.validator == "oneOf" and isinstance(instance, str):
+        return "empty_value", f"{where}: must not be empty or whitespace only"
+    if error.validator == "oneOf":  # an answer of a preference or unpaired record
+        got = JSON_TYPES.get(type(instance), type(instance).__name__)
+        return "wrong_type", f"{where}: expected a non-empty string or a list of one assistant message, got {got}"
     return "invalid_value", f"{where}: {error.message}"
+
+
+def answer_text(answer):
+    """A preference or unpaired record's answer as text: the string, or its one assistant message's content."""
+    return answer if isinstance(answer, str) else answer[0]["content"]
+
+
+def prompt_fields(record):
+    """A preference or unpaired record's prompt, normalized: `messages`, or an alpaca instruction and input
+    (a `prompt` string is an instruction), so that it renders exactly as an SFT record with the same prompt."""
+    if "messages" in record:
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]}
+    if "prompt" in record:
+        return {"instruction": record["prompt"], "input": ""}
+    return {"instruction": record["instruction"], "input": record.get("input", "")}
+
+
+def check_preference_record(record, fmt):
+    """What a preference or unpaired record's schema cannot say, as a Problem."""
+    if "messages" in record and record["messages"][-1]["role"] != "user":
+        raise Problem("invalid_value", "field 'messages': the prompt must end with a user turn (the answers follow it)")
+    if fmt == "preference" and answer_text(record["chosen"]).strip() == answer_text(record["rejected"]).strip():
+        raise Problem("identical_answers", "fields 'chosen' and 'rejected': the two answers are the same")
 
 
 def normalize(record, fmt):
     """The record's fields in the one internal shape, with an id that is a hash of its content."""
     fields = {"format": fmt}
-    if fmt == "alpaca":
+    if fmt == "preference":
+        fields.update(prompt_fields(record), chosen=answer_text(record["chosen"]),
+                      rejected=answer_text(record["rejected"]))
+    elif fmt == "unpaired":
+        fields.update(prompt_fields(record), completion=answer_text(record["completion"]), label=record["label"])
+    elif fmt == "alpaca":
         fields.update(instruction=record["instruction"], input=record.get("input", ""), output=record["output"])
     elif fmt == "chat":
         fields["messages"] = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
@@ -94,12 +135,15 @@ def check_record(record, fmt, schemas, columns=None):
     if fmt == "auto":
         fmt = detect_format(record)
         if fmt is None:
-            raise Problem("unknown_format", "cannot tell the record format (no 'instruction', 'messages' or 'text')")
+            raise Problem("unknown_format", "cannot tell the record format (no 'instruction', 'messages', 'text', "
+                                            "'chosen' or 'completion')")
     errors = sorted(schemas[fmt].iter_errors(record), key=lambda e: list(e.absolute_path))
     if errors:
         described = (describe(error, columns) for error in reversed(errors))
         problems = list({message.split(":")[0]: (reason, message) for reason, message in described}.values())[::-1]
         raise Problem(problems[0][0], "; ".join(message for _, message in problems))
+    if fmt in ("preference", "unpaired"):
+        check_preference_record(record, fmt)
     return fmt
 
 

@@ -80,7 +80,18 @@ def describe_base_model(path_or_id):
     return description
 
 
-def build_manifest(run_name, settings, summary, shards, base_model, workflow_dir):
+def chain_of(settings, parent):
+    """The models a chained run descends from, oldest first: its root base model and the runs before it, each
+    with its method, objective and the hash of its trained weights' manifest; [] for a run on a base model."""
+    if not parent:
+        return []
+    before = parent.get("chain") or [{"base_model": parent["settings"]["base_model"]}]
+    return [*before, {"run": parent["run"], "method": parent["settings"].get("method"),
+                      "objective": parent["settings"].get("objective", "sft")}]
+
+
+def build_manifest(run_name, settings, summary, shards, base_model, workflow_dir, parent=None):
+    """parent: the manifest of the run this run starts from (base_model {run: NAME}), if any."""
     environment = summary.get("environment", {})
     libraries = {**environment.get("libraries", {}), "snakemake": library_versions()["snakemake"]}
     return {
@@ -92,6 +103,7 @@ def build_manifest(run_name, settings, summary, shards, base_model, workflow_dir
         "shards": {Path(shard).stem: {"file": os.path.relpath(shard), "bytes": Path(shard).stat().st_size,
                                       "sha256": file_sha256(shard)} for shard in shards},
         "base_model": describe_base_model(base_model),
+        "chain": chain_of(settings, parent),
         "settings": settings,
         "trained": {key: summary.get(key) for key in ("steps", "stopped_at_step", "stop_reason", "processes",
                                                       "precision", "wall_time_s")},
@@ -111,6 +123,15 @@ def summary_rows(manifest):
             ("libraries", ", ".join(f"{name} {version}" for name, version in manifest["libraries"].items() if version)),
             ("workflow commit", commit),
             ("base model", base["name_or_path"] + (f" @ {base['hub_revision'][:12]}" if "hub_revision" in base else ""))]
+    if manifest.get("chain"):
+        rows.append(("trained after", " -> ".join(describe_link(link) for link in manifest["chain"])))
     rows += [(f"base model {name}", f"sha256 {digest[:16]}") for name, digest in base.get("files_sha256", {}).items()]
     rows += [(f"shard {name}", f"sha256 {shard['sha256'][:16]}") for name, shard in manifest["shards"].items()]
     return rows
+
+
+def describe_link(link):
+    """One model of a chain, as the reports show it: the base model, or a run with its method and objective."""
+    if "run" not in link:
+        return f"base model {link['base_model']}"
+    return f"run {link['run']} ({link['method']}, {link['objective']})"

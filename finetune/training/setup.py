@@ -42,9 +42,41 @@ def mix_weights(args, settings):
     return [settings.datasets[Path(shard).stem] for shard in args.shards]
 
 
+def objective_data_problem(objective, kind):
+    """Why a run with this objective cannot train on shards of this kind, or None."""
+    wanted = {"sft": "sft", "kto": "unpaired"}.get(objective, "preference")
+    if kind == wanted:
+        return None
+    formats = {"sft": "alpaca, chat or completion", "preference": "preference", "unpaired": "unpaired"}
+    return (f"objective {objective} trains on records of format {formats[wanted]}, but the shards hold "
+            f"{formats[kind]} records (choose the run's datasets, or its objective, to match)")
+
+
+def read_examples(args, settings):
+    """Train and held-out examples of the shards, with the reference's log-probabilities when the
+    objective compares with a reference (dpo, ipo, kto)."""
+    try:
+        train_examples, eval_examples = read_shards(args.shards, "train"), read_shards(args.shards, "eval")
+    except ValueError as error:
+        sys.exit(f"[{args.run_name}] {error}")
+    problem = objective_data_problem(settings.objective, train_examples.kind)
+    if problem:
+        sys.exit(f"[{args.run_name}] {problem}")
+    if settings.objective in ("dpo", "ipo", "kto"):
+        if not args.reference or len(args.reference) != len(args.shards):
+            sys.exit(f"[{args.run_name}] objective {settings.objective} needs the reference's log-probabilities of "
+                     "each shard (--reference, one file per shard, from scripts/reference_logps.py)")
+        try:
+            for examples in (train_examples, eval_examples):
+                examples.attach_reference(args.reference)
+        except ValueError as error:
+            sys.exit(f"[{args.run_name}] {error}")
+    return train_examples, eval_examples
+
+
 def setup_data(args, settings, num_processes):
     """Train and held-out examples, and the number of optimizer steps they make."""
-    train_examples, eval_examples = read_shards(args.shards, "train"), read_shards(args.shards, "eval")
+    train_examples, eval_examples = read_examples(args, settings)
     if not train_examples:
         sys.exit(f"[{args.run_name}] no training records in {', '.join(map(str, args.shards))}")
     if not eval_examples and (settings.keep == "best" or settings.early_stopping):
@@ -103,8 +135,8 @@ def setup(args, settings):
     weights = mix_weights(args, settings)
     run = Training(
         run_name=args.run_name, settings=settings, accelerator=accelerator, device=device, precision=precision,
-        packing=settings.packing == "on" or (settings.packing == "auto"
-                                             and settings.attn_implementation == "flash_attention_2"),
+        packing=train_examples.kind == "sft" and (settings.packing == "on" or (
+            settings.packing == "auto" and settings.attn_implementation == "flash_attention_2")),
         sharded=sharded, tokenizer=tokenizer, model=model, unwrapped=model, optimizer=optimizer, scheduler=scheduler,
         train_examples=train_examples, eval_examples=eval_examples, total_steps=total_steps,
         trainable_parameters=trainable, total_parameters=total,
