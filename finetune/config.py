@@ -131,7 +131,7 @@ def resolve_chains(config):
         chain = parent_chain(config, name)
         if not chain:
             continue
-        root = config["runs"][chain[-1]].get("base_model") or next(iter(config["base_models"]))
+        root = config["runs"][chain[-1]].get("base_model") or next(iter(config["base_models"]))  # checked below
         if root not in config["base_models"]:
             raise ValueError(f"run '{chain[-1]}': unknown base model '{root}' "
                              f"(configured: {', '.join(config['base_models'])})")
@@ -172,11 +172,12 @@ def resolve_runs(config):
     resolve_chains(config)
     names = {"base model": config["base_models"], "dataset": config["datasets"]}
     corpora = pretraining_corpora(config)
+    configured = [model for model, spec in config["base_models"].items() if "run" not in spec]
     for name, run in config["runs"].items():
         if "base_model" not in run:
-            if len(config["base_models"]) != 1:
-                raise ValueError(f"run '{name}': set base_model (one of {', '.join(config['base_models'])})")
-            run["base_model"] = next(iter(config["base_models"]))
+            if len(configured) != 1:
+                raise ValueError(f"run '{name}': set base_model (one of {', '.join(configured)})")
+            run["base_model"] = configured[0]
         if "datasets" not in run:
             run["datasets"] = default_datasets(config, name, run, corpora)
         for kind, value in [("base model", run["base_model"])] + [("dataset", d) for d in run["datasets"]]:

@@ -117,8 +117,11 @@ def reference_sections(run):
     """The config objects the reference pass of a run takes its settings from; its quantization is how training
     loads the frozen base (qlora: 4bit)."""
     quantization = "4bit" if run["method"] == "qlora" else run["quantization"]
-    return {"run": {**run, "quantization": quantization}, "base_model": config["base_models"][run["base_model"]],
-            "eval": config["eval"]}
+    return {
+        "run": {**run, "quantization": quantization},
+        "base_model": config["base_models"][run["base_model"]],
+        "eval": config["eval"],
+    }
 
 
 def reference(run):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import matplotlib
 
-from finetune.evaluation.metrics import is_exact_match
-from finetune.export.manifest import summary_rows
+from finetune.evaluation.metrics import PREFERENCE_METRICS, is_exact_match
+from finetune.export.manifest import describe_link, summary_rows
 from finetune.files import read_json, read_jsonl
 from finetune.reports.html import Mark, image, page, table
 
@@ -90,21 +90,43 @@ def manifest_section(manifest):
             + f"<pre>{html.escape(json.dumps(manifest, indent=1))}</pre></details>")
 
 
+def objective_line(settings, chain):
+    """What the run optimized, and from which model (the base: the run before it, for a chained run)."""
+    objective = settings.get("objective", "sft")
+    what = {"sft": "supervised fine-tuning"}.get(objective, f"preference tuning ({objective}, beta "
+                                                             f"{settings.get('beta')})")
+    start = f"trained after {chain}" if chain else f"from base model {settings.get('base_model')}"
+    return f"Objective: {what}, method {settings.get('method')}, {start}."
+
+
 def render_html(run_name, summary, evaluation, generations, samples, plot_png, manifest):
     base, tuned = evaluation["base"], evaluation["tuned"]
     eval_rows = [[metric, base.get(metric), tuned.get(metric)]
-                 for metric in ("loss", "perplexity", "exact_match", "rouge_l", "bleu", "chrf")]
+                 for metric in ("loss", "perplexity", "exact_match", "rouge_l", "bleu", "chrf", *PREFERENCE_METRICS)
+                 if metric in tuned]
+    preference = evaluation.get("preference")
+    if preference:
+        eval_rows += [[f"{name} (tuned vs base)", None, preference[name]]
+                      for name in ("reward_accuracy", "reward_margin") if name in preference]
     tasks = sorted(tuned.get("exact_match_by_task", {}))
-    task_rows = [[task, base["exact_match_by_task"].get(task), tuned["exact_match_by_task"][task]] for task in tasks]
+    task_rows = [[task, base["exact_match_by_task"].get(task), tuned["exact_match_by_task"][task],
+                  *[side.get("preference_accuracy_by_task", {}).get(task) for side in (base, tuned)]] for task in tasks]
+    task_headers = ["task", "exact match base", "exact match tuned"]
+    task_headers += ["preference accuracy base", "preference accuracy tuned"] if "preference_accuracy" in tuned else []
     heldout = [g for g in generations if g["source"] == "heldout"]
     exact = (f"exact match base {base['exact_match']:.3f}, tuned <b>{tuned['exact_match']:.3f}</b>; "
              if tuned.get("exact_match") is not None else "")
+    if "preference_accuracy" in tuned:
+        exact += (f"preference accuracy base {base['preference_accuracy']:.3f}, tuned "
+                  f"<b>{tuned['preference_accuracy']:.3f}</b> on {preference['pairs']} held-out pairs; ")
+    chain = " -> ".join(describe_link(link) for link in manifest.get("chain", []))
     return page(f"Run {run_name}", [
         f"<h1>Run <code>{html.escape(run_name)}</code></h1>",
+        f"<p>{html.escape(objective_line(manifest['settings'], chain))}</p>",
         f"<p>On {evaluation['eval_records']} held-out records ({evaluation['eval_tokens']} trained tokens): {exact}"
         f"loss base {base['loss']:.4f}, tuned {tuned['loss']:.4f}.</p>",
         "<h2>What was learned</h2>", learned_table(generations),
-        "<h2>Exact match per task</h2>", table(["task", "base", "tuned"], task_rows) if task_rows else "",
+        "<h2>Per task</h2>", table(task_headers, [row[:len(task_headers)] for row in task_rows]) if task_rows else "",
         "<h2>Evaluation</h2>", table(["metric", "base", "tuned"], eval_rows),
         "<h2>Loss curve</h2>", image("loss curve", plot_png),
         "<h2>Answers over training</h2>", samples_table(samples),

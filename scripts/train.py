@@ -70,7 +70,7 @@ def step_totals(run, window):
         counts = [sum(count_trained_tokens(b["labels"]) for b in window), 0]
     else:
         from finetune.training.objectives import trained_first_tokens
-        counts = [sum(len(b["input_ids"]) // 2 for b in window), sum(trained_first_tokens(b) for b in window)]
+        counts = [sum(len(b["input_ids"]) // 2 for b in window), sum(trained_first_tokens(b, run.settings.objective) for b in window)]
     return run.accelerator.reduce(torch.tensor(counts, device=run.device), reduction="sum").tolist()
 
 
@@ -105,6 +105,10 @@ def train_step(run, step):
         step_loss += loss.item() / processes
         tokens_seen += real_tokens(batch)
     step_loss = accelerator.reduce(torch.tensor(step_loss, device=run.device), reduction="sum").item()
+    if stats:  # every process's pairs
+        names = sorted(stats)
+        totals_here = torch.tensor([float(stats[name]) for name in names], device=run.device, dtype=torch.float64)
+        stats = dict(zip(names, accelerator.reduce(totals_here, reduction="sum").tolist()))
     if not math.isfinite(step_loss):
         sys.exit(f"[{run.run_name}] loss is {step_loss} at step {step}: training diverged. Usual causes: "
                  f"learning rate too high (now {settings.learning_rate}), fp16 overflow (try bf16 or fp32), "

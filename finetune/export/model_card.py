@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 
+from finetune.evaluation.metrics import PREFERENCE_METRICS
 from finetune.export.manifest import summary_rows
 from finetune.settings import declared
 
@@ -12,7 +13,12 @@ from finetune.settings import declared
 def training_settings(settings):
     """The run's settings that shape what was learned: those tokenization and training receive."""
     received = {**declared("tokenize_data"), **declared("train")}
+    if settings.get("objective", "sft") == "sft":  # the preference objectives' settings change nothing then
+        received = {name: spec for name, spec in received.items() if name not in PREFERENCE_SETTINGS}
     return [(name, settings[name]) for name, (section, _) in received.items() if section == "run" and name in settings]
+
+
+PREFERENCE_SETTINGS = ("beta", "simpo_gamma", "orpo_lambda", "desirable_weight", "undesirable_weight", "sft_weight")
 
 
 # What the folder holds, by kind: the adapter; the adapter merged into its base; a fully fine-tuned model.
@@ -73,12 +79,18 @@ def render(kind, run_name, base_model, settings, summary, evaluation, stats, lic
         f"On {evaluation['eval_records']} held-out records ({evaluation['eval_tokens']} answer tokens):\n",
         "| metric | base model | fine-tuned |", "|---|---|---|",
     ]
-    for metric in ("loss", "perplexity", "exact_match", "rouge_l", "bleu", "chrf"):
-        lines.append(f"| {metric} | {number(evaluation['base'].get(metric))} | "
-                     f"{number(evaluation['tuned'].get(metric))} |")
-    for task, tuned in evaluation["tuned"].get("exact_match_by_task", {}).items():
-        lines.append(f"| exact_match: {task} | {number(evaluation['base']['exact_match_by_task'].get(task))} | "
-                     f"{number(tuned)} |")
+    for metric in ("loss", "perplexity", "exact_match", "rouge_l", "bleu", "chrf", *PREFERENCE_METRICS):
+        if metric in evaluation["tuned"]:
+            lines.append(f"| {metric} | {number(evaluation['base'].get(metric))} | "
+                         f"{number(evaluation['tuned'].get(metric))} |")
+    for key in ("exact_match", "preference_accuracy"):
+        for task, tuned in evaluation["tuned"].get(f"{key}_by_task", {}).items():
+            lines.append(f"| {key}: {task} | {number(evaluation['base'][f'{key}_by_task'].get(task))} | "
+                         f"{number(tuned)} |")
+    preference = evaluation.get("preference")
+    if preference:
+        lines.append(f"| reward_accuracy (the fine-tuned model's log-probability ratio to the base model favors the "
+                     f"chosen answer) | | {number(preference['reward_accuracy'])} |")
     lines += ["", "## Training\n", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {setting(value)} |" for key, value in training_settings(settings)]
     lines += [f"| trainable parameters | {summary['trainable_parameters']:,} of {summary['total_parameters']:,} |",

@@ -17,7 +17,9 @@ reference's, |c|, |r| their token counts, and s(x) = log sigmoid(x):
 
 as TRL 1.16 computes them (DPOTrainer loss_type sigmoid and ipo, CPOTrainer loss_type simpo with
 cpo_alpha 0, ORPOTrainer, KTOTrainer; tests/test_objectives.py checks each). sft_weight adds the
-mean loss per token of the chosen (desirable) answers, as TRL's loss_type [sigmoid, sft] does.
+mean loss per token of the chosen (desirable) answers, as TRL's loss_type [sigmoid, sft] does;
+orpo's nll(chosen), as TRL's ORPOTrainer computes it, is the mean over every token of the chosen
+sequence, its prompt included.
 
 An optimizer step's loss is the mean over its pairs (or completions) and, for the token term, over
 its chosen tokens, however many micro-batches and processes share them.
@@ -53,13 +55,18 @@ def preference_batch(examples, pad_token_id, kind):
     return batch
 
 
-def answer_logps(model, batch):
-    """Per row: the summed log-probability of its trained tokens, and their number."""
+def token_logps(model, batch):
+    """The log-probability of every next token of every row (position t predicts token t + 1)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]
-    trained = targets != IGNORE_INDEX
-    picked = logits.gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2) - logits.logsumexp(dim=2)
-    return (picked * trained).sum(dim=1), trained.sum(dim=1)
+    logits, targets = logits[:, :-1].float(), batch["input_ids"][:, 1:]
+    return logits.gather(2, targets.unsqueeze(2)).squeeze(2) - logits.logsumexp(dim=2)
+
+
+def answer_logps(model, batch, per_token=None):
+    """Per row: the summed log-probability of its trained tokens, and their number."""
+    per_token = token_logps(model, batch) if per_token is None else per_token
+    trained = batch["labels"][:, 1:] != IGNORE_INDEX
+    return (per_token * trained).sum(dim=1), trained.sum(dim=1)
 
 
 def pair_terms(settings, logps, tokens, batch):
@@ -105,11 +112,26 @@ def token_weight(settings):
     return 1.0 if settings.objective == "orpo" else settings.sft_weight
 
 
+def token_term_mask(batch, objective):
+    """The tokens of the first sequences (chosen or desirable answers) that the token term of the loss averages
+    over: their trained tokens; for orpo every token of the chosen sequence after the first, prompt included,
+    as TRL's ORPOTrainer computes its loss on the chosen sequence."""
+    rows = len(batch["input_ids"]) // 2
+    if objective == "orpo":
+        counted = batch["attention_mask"][:rows, 1:].bool()
+    else:
+        counted = batch["labels"][:rows, 1:] != IGNORE_INDEX
+    if "desirable" in batch:
+        counted = counted & batch["desirable"].to(counted.device).unsqueeze(1)
+    return counted
+
+
 def objective_loss(model, batch, settings, kind, rows, chosen_tokens):
     """This micro-batch's share of the step's loss, and its statistics as sums (metrics rows average them).
     rows, chosen_tokens: the step's pairs (or completions) and trained chosen (desirable) tokens, over every
     micro-batch and process."""
-    logps, tokens = answer_logps(model, batch)
+    per_token = token_logps(model, batch)
+    logps, tokens = answer_logps(model, batch, per_token)
     first_logps = logps.chunk(2)[0]
     if kind == "unpaired":
         per_row, rewards, kl = kto_terms(settings, logps, batch)
@@ -118,28 +140,23 @@ def objective_loss(model, batch, settings, kind, rows, chosen_tokens):
                  "undesirable_reward": float(rewards[~wanted].sum())}
     else:
         per_row, chosen_reward, rejected_reward = pair_terms(settings, logps, tokens, batch)
-        wanted = torch.ones_like(per_row, dtype=torch.bool)
         stats = {"reward_accuracy": float((chosen_reward > rejected_reward).sum()),
                  "reward_margin": float((chosen_reward - rejected_reward).sum()),
                  "chosen_logp": float(first_logps.detach().sum()), "rejected_logp": float(logps.chunk(2)[1].detach().sum())}
     loss = per_row.sum() / rows
     weight = token_weight(settings)
     if weight:
-        nll_sum = -(first_logps[wanted]).sum()
+        counted = token_term_mask(batch, settings.objective)
+        nll_sum = -(per_token[:len(per_row)] * counted).sum()
         loss = loss + weight * nll_sum / max(chosen_tokens, 1)
-        here = int(tokens.chunk(2)[0][wanted].sum())
+        here = int(counted.sum())
         stats["nll"] = float(nll_sum.detach()) / max(here, 1) * len(per_row)  # metrics rows average it per row
     return loss, {"pairs": len(per_row), **stats}
 
 
-def trained_first_tokens(batch):
-    """Trained tokens of the first sequences (chosen or desirable answers) of a preference batch: the count the
-    token term of the loss averages over."""
-    first = batch["labels"].chunk(2)[0][:, 1:]
-    counted = first != IGNORE_INDEX
-    if "desirable" in batch:
-        counted = counted & batch["desirable"].unsqueeze(1)
-    return int(counted.sum())
+def trained_first_tokens(batch, objective):
+    """How many tokens of a preference batch the token term of the loss averages over (token_term_mask)."""
+    return int(token_term_mask(batch, objective).sum())
 
 
 @torch.no_grad()
@@ -147,7 +164,7 @@ def heldout_objective_loss(model, examples, settings, kind, batch_size, pad_toke
     """The objective's mean loss over held-out examples (what keep: best and early stopping compare)."""
     batches = [preference_batch(examples[start:start + batch_size], pad_token_id, kind)
                for start in range(0, len(examples), batch_size)]
-    chosen_tokens = sum(trained_first_tokens(batch) for batch in batches)
+    chosen_tokens = sum(trained_first_tokens(batch, settings.objective) for batch in batches)
     total = 0.0
     for batch in batches:
         batch = {name: value.to(model.device) for name, value in batch.items()}
