@@ -143,7 +143,7 @@ def resolve_chains(config):
         prompt_settings = {key: value for key, value in config["base_models"][root].items()
                            if key in ("template", "chat_template", "trust_remote_code")}
         config["base_models"][derived] = {**prompt_settings, "run": chain[0], "root": root}
-        config["runs"][name].update(base_model=derived, chain=[*reversed(chain), name])
+        config["runs"][name]["base_model"] = derived
 
 
 def default_datasets(config, name, run, corpora):

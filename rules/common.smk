@@ -185,8 +185,11 @@ def stage_settings(wildcards):
 
 
 def run_settings_text(wildcards):
-    """A run's resolved settings, in the config's order (the order of its datasets is that of its shards)."""
-    return json.dumps(run_of(wildcards), indent=1)
+    """A run's resolved settings, in the config's order (the order of its datasets is that of its shards); a
+    chained run's base model as configured ({run: NAME}), so that the settings train it again under runs:."""
+    run = run_of(wildcards)
+    parent = trained_by(run["base_model"])
+    return json.dumps({**run, "base_model": {"run": parent}} if parent else run, indent=1)
 
 
 def print_exact_match(evaluation):

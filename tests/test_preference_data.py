@@ -170,7 +170,6 @@ def test_a_run_takes_the_datasets_its_objective_trains_on():
     assert config["runs"]["sft"]["datasets"] == ["sft"] and config["runs"]["dpo"]["datasets"] == ["pairs"]
     assert config["runs"]["dpo"]["base_model"] == "sft.tuned"
     assert config["base_models"]["sft.tuned"] == {"run": "sft", "root": "tiny"}
-    assert config["runs"]["dpo"]["chain"] == ["sft", "dpo"]
 
 
 @pytest.mark.parametrize("runs, message", [
