@@ -139,9 +139,10 @@ def runtime_imports(module, scripts_dir):
 
 def test_each_rule_declares_exactly_the_code_its_script_runs(workdir):
     """A job's code inputs are its script and the package modules that script imports; the code that
-    answers prompts during training is an input of the training jobs of runs that sample, only."""
+    answers prompts during training is an input of the training jobs of runs that sample, only, and the
+    preference objectives (and their evaluation) of the runs that optimize one (config/preference.yaml)."""
     jobs = {}
-    for rule, inputs, shell in dry_run_jobs(workdir):
+    for rule, inputs, shell in dry_run_jobs(workdir, "--configfile", "config/preference.yaml"):
         if rule in SETTINGS_RULES:
             continue
         scripts = [word for word in shlex.split(shell) if word.startswith("scripts/") and word.endswith(".py")]
@@ -152,13 +153,21 @@ def test_each_rule_declares_exactly_the_code_its_script_runs(workdir):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         imports = dict(zip(modules, pool.map(lambda m: runtime_imports(m, workdir / "scripts"), modules)))
     sampling = runtime_imports("finetune.training.samples", workdir / "scripts")
+    lazy = {"train": runtime_imports("finetune.training.objectives", workdir / "scripts"),
+            "evaluate": runtime_imports("finetune.evaluation.preference", workdir / "scripts")}
+    preference_runs = {"dpo", "dpo-no-sft", "orpo"}
+    evaluated = {run for rule, run in jobs if rule == "evaluate"}
     for (rule, run), (inputs, scripts) in jobs.items():
         declared = {path for path in inputs if path.startswith(("scripts/", "finetune/"))}
         expected = set(scripts).union(*(imports[Path(script).stem] for script in scripts))
-        if rule == "train":  # both default runs answer eval.prompts every 200 steps
+        if rule == "train" and run not in preference_runs:  # both default runs answer eval.prompts every 200 steps
             expected |= sampling
+        if run in preference_runs and rule in lazy:
+            expected |= lazy[rule]
         assert declared == expected, f"rule {rule} ({run}): declares {sorted(declared)}, runs {sorted(expected)}"
-    assert {"train", "pretrain", "evaluate", "tokenize", "validate", "merge", "build_tiny_model"} <= {r for r, _ in jobs}
+    assert {"train", "pretrain", "evaluate", "tokenize", "validate", "merge", "build_tiny_model",
+            "reference_logps"} <= {r for r, _ in jobs}
+    assert preference_runs <= evaluated
     (pretrain_inputs, _), (train_inputs, _) = jobs[("pretrain", "pretrain-tiny-llama")], jobs[("train", "lora-r16")]
     assert "finetune/evaluation/metrics.py" not in train_inputs, "evaluation-only code is not a training input"
     assert "finetune/evaluation/generation.py" in train_inputs, "a run that samples generates"

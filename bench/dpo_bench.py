@@ -1,0 +1,307 @@
+"""Time a DPO step of this workflow (scripts/train.py with objective dpo) against TRL's DPOTrainer,
+on the same machine, model, pairs and batch, with the reference's log-probabilities precomputed
+and computed inside every step.
+
+    python bench/dpo_bench.py                      # CPU, fp32 (what BENCHMARKS.md records)
+    python bench/dpo_bench.py --device cuda --precision bf16
+    python bench/dpo_bench.py --quick              # a tiny model and a few steps: a smoke test
+
+Only the CPU run has been measured: no GPU was lent to the task that wrote this script, so the
+cuda/bf16 mode is written the same way but untried.
+
+The model is a Llama built by finetune.tiny_model (random weights: speed does not depend on them)
+with its vocabulary padded to --vocab rows (the example data's tokenizer has only 660 tokens; the
+padding gives the LM head a realistic share of the step). The pairs are the first --pairs of
+data/preference_train.jsonl, tokenized by the workflow's tokenize stage; TRL gets the same prompts
+as chat messages and tokenizes them itself (the script checks the tokens are the same). Both sides:
+LoRA r 16, alpha 32, dropout 0, all-linear, batch 16 pairs (32 sequences), constant learning rate,
+no gradient checkpointing, seed 0, --threads torch threads, each measurement in its own process.
+
+What is timed: the training steps after --warmup steps (ours: `elapsed_s` of metrics.jsonl, a row
+per step; TRL: a callback's clock at every step's end), and, apart, the one-off reference pass
+(ours: scripts/reference_logps.py's pass over the shard and writing it; TRL: its precompute pass).
+Model loading and TRL's dataset preparation are not timed. "Reference in every step" is TRL with
+precompute_ref_log_probs=False, and for ours the same train.py with its objective_loss wrapped to
+run the frozen base (adapter disabled) over the batch first: the workflow itself always caches.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+SIDES = ["ours-reference", "ours-cached", "ours-in-step", "trl-precomputed", "trl-in-step"]
+BATCH, LORA = 16, dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+
+
+# ---------------------------------------------------------------- inputs, as the workflow's stages write them
+
+def build_inputs(args, work):
+    """The base model (vocabulary padded to args.vocab rows), and the pairs validated and tokenized into a shard."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.data.tokenization import tokenize_file
+    from finetune.data.tokenizer import load_tokenizer
+    from finetune.data.validation import validate_file
+    from finetune.tiny_model import build_tiny_model
+    model_dir = build_tiny_model([REPO / "data" / "pretrain_corpus.jsonl"], work / "model", hidden_size=args.hidden,
+                                 num_layers=args.layers)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.resize_token_embeddings(max(args.vocab, model.config.vocab_size), mean_resizing=False)
+    model.save_pretrained(model_dir)
+    raw = work / "raw.jsonl"
+    lines = (REPO / "data" / "preference_train.jsonl").read_text().splitlines()[:args.pairs]
+    raw.write_text("\n".join(lines) + "\n")
+    validate_file(raw, work / "pairs.jsonl", work / "rejected.jsonl")
+    tokenize_file(work / "pairs.jsonl", load_tokenizer(model_dir), "auto", args.max_length, work / "pairs.arrow",
+                  split="train")
+
+
+def count_tokens(counts, batch):
+    counts["padded"] += batch["input_ids"].numel()
+    counts["real"] += int(batch["attention_mask"].sum())
+
+
+# ---------------------------------------------------------------- this workflow
+
+def ours_reference(args, work):
+    """scripts/reference_logps.py's pass over the shard and writing its file (the model loaded before the clock)."""
+    import pyarrow as pa
+    import reference_logps
+
+    from finetune.settings import write_settings
+    settings = reference_logps.read_settings(write_settings(work / "reference.json", "reference_logps",
+                                                            precision=args.precision, batch_size=BATCH),
+                                             "reference_logps")
+    model, tokenizer = reference_logps.load_reference(work / "model", settings, args.torch_device)
+    table = pa.ipc.open_stream(pa.OSFile(str(work / "pairs.arrow"))).read_all()
+    start = time.perf_counter()
+    columns = reference_logps.reference_logps(model, table, "preference", BATCH, tokenizer.pad_token_id)
+    reference_logps.write_reference(work / "reference.arrow", table, columns)
+    return {"reference_s": time.perf_counter() - start}
+
+
+def reference_in_every_step():
+    """Wrap the dpo loss so that the frozen base (the adapter disabled) scores the batch first, as TRL does without
+    precomputing; the cached values are then overwritten by the same answer_logps the reference pass uses."""
+    import torch
+
+    from finetune.training import objectives
+    loss_against_cache = objectives.objective_loss
+
+    def objective_loss(model, batch, *rest):
+        with torch.no_grad(), model.disable_adapter():
+            reference, _ = objectives.answer_logps(model, batch)
+        batch["ref_logps"], batch["ref_rejected_logps"] = reference.double().chunk(2)
+        return loss_against_cache(model, batch, *rest)
+    objectives.objective_loss = objective_loss
+
+
+def ours(args, work, in_step):
+    """scripts/train.py's main() on the shard and its reference file, a metrics row per step."""
+    import train
+
+    from finetune.settings import write_settings
+    if in_step:
+        reference_in_every_step()
+    counts, make_batch = collections.Counter(), train.make_batch
+
+    def counted(run, indices):
+        batch = make_batch(run, indices)
+        count_tokens(counts, batch)
+        return batch
+    train.make_batch = counted
+    out = work / ("ours-in-step" if in_step else "ours-cached")
+    settings = write_settings(out / "train.json", "train", objective="dpo", beta=0.1, **LORA, batch_size=BATCH,
+                              learning_rate=args.lr, lr_scheduler="constant_with_warmup", warmup_ratio=0,
+                              max_steps=args.steps, log_every=1, checkpoint_every=0, seed=0, precision=args.precision)
+    train.main(["--settings", str(settings), "--base-model", str(work / "model"), "--shards", str(work / "pairs.arrow"),
+                "--reference", str(work / "reference.arrow"), "--output-dir", str(out / "trained"),
+                "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
+                "--threads", str(args.threads)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ends = [row["elapsed_s"] for row in rows]
+    return {"step_s": per_step(ends, args.warmup), "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
+            **{f"{k}_per_step": v / args.steps for k, v in counts.items()}}
+
+
+def per_step(ends, warmup):
+    """Mean seconds per step after the warm-up, from the clock at the end of every step."""
+    return (ends[-1] - ends[warmup - 1]) / (len(ends) - warmup)
+
+
+# ---------------------------------------------------------------- TRL
+
+def trl_dataset(work):
+    """The same pairs as TRL's conversational format: the user turn the workflow renders, each answer a turn."""
+    import datasets
+
+    from finetune.data.prompts import as_messages
+    rows = []
+    for record in map(json.loads, (work / "pairs.jsonl").read_text().splitlines()):
+        user, chosen = as_messages({**record, "output": record["chosen"]})
+        rows.append({"id": record["id"], "prompt": [user], "chosen": [chosen],
+                     "rejected": [{**chosen, "content": record["rejected"]}]})
+    return datasets.Dataset.from_list(rows)
+
+
+def same_tokens(dataset, work):
+    """How many of TRL's tokenized pairs are token for token our shard's (both sides and the completion mask)."""
+    from finetune.data.shards import read_shards
+    shard = read_shards([work / "pairs.arrow"], "train")
+    ours_by_id = {e["id"]: e for e in shard}
+    same = 0
+    for row in dataset:
+        e = ours_by_id[row["id"]]
+        trained = [t for t, label in zip(e["input_ids"], e["labels"]) if label != -100]
+        same += (row["prompt_ids"] + row["chosen_ids"] == e["input_ids"] and row["chosen_ids"] == trained
+                 and row["prompt_ids"] + row["rejected_ids"] == e["rejected_input_ids"])
+    return f"{same}/{len(dataset)}"
+
+
+def trl(args, work, precompute):
+    """trl.DPOTrainer on the same base model, LoRA, pairs and batch."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from finetune.data.tokenizer import load_tokenizer
+
+    class Timed(DPOTrainer):
+        def _precompute_ref_logps(self, *a, **k):
+            start = time.perf_counter()
+            dataset = super()._precompute_ref_logps(*a, **k)
+            self.precompute_s = time.perf_counter() - start
+            return dataset
+
+    class Clock(TrainerCallback):
+        ends = []
+
+        def on_step_end(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    class CountingCollator:
+        def __init__(self, collator):
+            self.collator, self.counts = collator, collections.Counter()
+
+        def __call__(self, features):
+            batch = self.collator(features)
+            count_tokens(self.counts, batch)
+            return batch
+
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype)
+    config = DPOConfig(output_dir=str(work / "trl-out"), per_device_train_batch_size=BATCH, learning_rate=args.lr,
+                       lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps, logging_steps=1,
+                       save_strategy="no", report_to=[], seed=0, use_cpu=args.device == "cpu",
+                       bf16=args.precision == "bf16", gradient_checkpointing=False, dataloader_num_workers=0,
+                       disable_tqdm=True, loss_type=["sigmoid"], beta=0.1, max_length=args.max_length,
+                       precompute_ref_log_probs=precompute)
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    clock = Clock()
+    trainer = Timed(model=model, args=config, train_dataset=trl_dataset(work), processing_class=load_tokenizer(
+        work / "model"), peft_config=lora, callbacks=[clock])
+    trainer.data_collator = CountingCollator(trainer.data_collator)
+    identical = same_tokens(trainer.train_dataset, work)
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return {"step_s": per_step(clock.ends, args.warmup), "reference_s": getattr(trainer, "precompute_s", None),
+            "first_loss": losses[0], "last_loss": losses[-1], "same_tokens": identical,
+            **{f"{k}_per_step": v / args.steps for k, v in trainer.data_collator.counts.items()}}
+
+
+# ---------------------------------------------------------------- the run and its report
+
+def worker(side, args, work):
+    import torch
+    torch.set_num_threads(args.threads)
+    if side == "ours-reference":
+        return ours_reference(args, work)
+    if side.startswith("ours"):
+        return ours(args, work, in_step=side == "ours-in-step")
+    return trl(args, work, precompute=side == "trl-precomputed")
+
+
+def run_side(side, args, work):
+    """One measurement in a process of its own (this script with --worker); its result."""
+    command = [sys.executable, __file__, "--worker", side, "--workdir", str(work)] + [
+        f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
+        if name not in ("worker", "workdir", "quick", "torch_device")]
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        sys.exit(f"{side} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.split("RESULT ", 1)[1])
+
+
+def report(args, results, steps_per_epoch, load):
+    o, t = results["ours-cached"], results["trl-precomputed"]
+    ours_ref, trl_ref = results["ours-reference"]["reference_s"], t["reference_s"]
+    rows = [("(1) step, reference precomputed", o["step_s"], t["step_s"], "s"),
+            (f"(2) one-off reference pass, {args.pairs} pairs", ours_ref, trl_ref, "s"),
+            (f"(1) + (2) / {steps_per_epoch} steps (one epoch)", o["step_s"] + ours_ref / steps_per_epoch,
+             t["step_s"] + trl_ref / steps_per_epoch, "s"),
+            ("(3) step, reference forward inside every step", results["ours-in-step"]["step_s"],
+             results["trl-in-step"]["step_s"], "s")]
+    print(f"\nDPO, LoRA r16 all-linear, batch {BATCH} pairs, {args.steps} steps ({args.warmup} warm-up), "
+          f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.device} {args.precision}, "
+          f"{args.threads} threads; load average before/after {load[0]:.2f}/{load[1]:.2f}")
+    print("| DPO | this workflow | TRL DPOTrainer | TRL / ours |\n|---|---|---|---|")
+    for name, mine, theirs, unit in rows:
+        print(f"| {name} | {mine:.3f} {unit} | {theirs:.3f} {unit} | {theirs / mine:.2f}x |")
+    for name, key in (("tokens per step, padded (non-pad)", None), ("first step loss (ln 2 = 0.6931)", "first_loss"),
+                      (f"loss at step {args.steps}", "last_loss")):
+        cells = [f"{r['padded_per_step']:.0f} ({r['real_per_step']:.0f})" if key is None else f"{r[key]:.4f}"
+                 for r in (o, t)]
+        print(f"| {name} | {cells[0]} | {cells[1]} | |")
+    print(f"(in-step variants' first losses: ours {results['ours-in-step']['first_loss']:.4f}, "
+          f"TRL {results['trl-in-step']['first_loss']:.4f}; TRL's tokens identical to ours for {t['same_tokens']} pairs)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=1024, help="training pairs (from data/preference_train.jsonl)")
+    parser.add_argument("--steps", type=int, default=35, help="optimizer steps, warm-up included")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=8192, help="rows of the embeddings and LM head")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 64 pairs, 4 steps: a smoke test")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--worker", choices=SIDES, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.pairs, args.steps, args.warmup, args.hidden, args.layers, args.vocab = 64, 4, 1, 64, 2, 1024
+    args.torch_device = args.device
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="dpo-bench-"))
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args, work)))
+        return
+    load_before = os.getloadavg()[0]
+    build_inputs(args, work)
+    results = {side: run_side(side, args, work) for side in SIDES}
+    report(args, results, args.pairs // BATCH, (load_before, os.getloadavg()[0]))
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
