@@ -1,42 +1,33 @@
-"""Time a DPO step of this workflow (scripts/train.py with objective dpo) against TRL's DPOTrainer,
-on the same machine, model, pairs and batch, with the reference's log-probabilities precomputed
-and computed inside every step.
+"""Time a DPO step of this workflow (scripts/train.py, objective dpo) against TRL's DPOTrainer on the
+same machine, model, pairs and batch, the reference's log-probabilities precomputed and scored in every step.
 
-    python bench/dpo_bench.py                      # CPU, fp32 (what BENCHMARKS.md records)
-    python bench/dpo_bench.py --device cuda --precision bf16
-    python bench/dpo_bench.py --quick              # a tiny model and a few steps: a smoke test
+    python bench/dpo_bench.py                                # CPU, fp32: what BENCHMARKS.md records
+    python bench/dpo_bench.py --device cuda --precision bf16 # written the same way, but run on CPU only so far
+    python bench/dpo_bench.py --quick                        # tiny model, 4 steps: a smoke test
 
-Only the CPU run has been measured: no GPU was lent to the task that wrote this script, so the
-cuda/bf16 mode is written the same way but untried.
-
-The model is a Llama built by finetune.tiny_model (random weights: speed does not depend on them)
-with its vocabulary padded to --vocab rows (the example data's tokenizer has only 660 tokens; the
-padding gives the LM head a realistic share of the step). The pairs are the first --pairs of
-data/preference_train.jsonl, tokenized by the workflow's tokenize stage; TRL gets the same prompts
-as chat messages and tokenizes them itself (the script checks the tokens are the same). Both sides:
-LoRA r 16, alpha 32, dropout 0, all-linear, batch 16 pairs (32 sequences), constant learning rate,
-no gradient checkpointing, seed 0, --threads torch threads, each measurement in its own process.
-
-What is timed: the training steps after --warmup steps (ours: `elapsed_s` of metrics.jsonl, a row
-per step; TRL: a callback's clock at every step's end), and, apart, the one-off reference pass
-(ours: scripts/reference_logps.py's pass over the shard and writing it; TRL: its precompute pass).
-Model loading and TRL's dataset preparation are not timed. "Reference in every step" is TRL with
-precompute_ref_log_probs=False, and for ours the same train.py with its objective_loss wrapped to
-run the frozen base (adapter disabled) over the batch first: the workflow itself always caches.
+Model: a Llama from finetune.tiny_model, random weights, its vocabulary padded to --vocab rows (the example
+tokenizer has 660 tokens). Pairs: data/preference_train.jsonl through the validate and tokenize stages; TRL
+gets the same prompts as chat messages and tokenizes them itself (the report counts the pairs whose tokens
+equal ours). Both sides: LoRA r 16, alpha 32, dropout 0, all-linear, batch 16 pairs, constant learning rate,
+no gradient checkpointing, seed 0, --threads threads, each measurement in a process of its own. Timed: the
+steps after --warmup (ours: metrics.jsonl's elapsed_s, a row per step; TRL: a callback's clock at each
+step's end) and the one-off reference pass (ours: reference_logps.py's pass and file; TRL: its precompute),
+not model loading or TRL's dataset preparation. Reference scored in every step: TRL with
+precompute_ref_log_probs=False; ours (the workflow always caches) is train.py with objective_loss wrapped
+to score the batch with the frozen base (adapter disabled) first.
 """
+import argparse
+import collections
+import json
 import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports transformers (in the functions below)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
@@ -44,10 +35,8 @@ SIDES = ["ours-reference", "ours-cached", "ours-in-step", "trl-precomputed", "tr
 BATCH, LORA = 16, dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
 
 
-# ---------------------------------------------------------------- inputs, as the workflow's stages write them
-
 def build_inputs(args, work):
-    """The base model (vocabulary padded to args.vocab rows), and the pairs validated and tokenized into a shard."""
+    """The base model (vocabulary padded to args.vocab rows); the pairs validated and tokenized into a shard."""
     from transformers import AutoModelForCausalLM
 
     from finetune.data.tokenization import tokenize_file
@@ -59,10 +48,9 @@ def build_inputs(args, work):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.resize_token_embeddings(max(args.vocab, model.config.vocab_size), mean_resizing=False)
     model.save_pretrained(model_dir)
-    raw = work / "raw.jsonl"
     lines = (REPO / "data" / "preference_train.jsonl").read_text().splitlines()[:args.pairs]
-    raw.write_text("\n".join(lines) + "\n")
-    validate_file(raw, work / "pairs.jsonl", work / "rejected.jsonl")
+    (work / "raw.jsonl").write_text("\n".join(lines) + "\n")
+    validate_file(work / "raw.jsonl", work / "pairs.jsonl", work / "rejected.jsonl")
     tokenize_file(work / "pairs.jsonl", load_tokenizer(model_dir), "auto", args.max_length, work / "pairs.arrow",
                   split="train")
 
@@ -72,18 +60,22 @@ def count_tokens(counts, batch):
     counts["real"] += int(batch["attention_mask"].sum())
 
 
-# ---------------------------------------------------------------- this workflow
+def per_step(ends, warmup):
+    """Median seconds per step after the warm-up, from the clock at the end of every step (the median: another
+    process on the machine delays a few steps)."""
+    import statistics
+    return statistics.median(b - a for a, b in zip(ends[warmup - 1:], ends[warmup:]))
+
 
 def ours_reference(args, work):
     """scripts/reference_logps.py's pass over the shard and writing its file (the model loaded before the clock)."""
     import pyarrow as pa
     import reference_logps
 
-    from finetune.settings import write_settings
-    settings = reference_logps.read_settings(write_settings(work / "reference.json", "reference_logps",
-                                                            precision=args.precision, batch_size=BATCH),
-                                             "reference_logps")
-    model, tokenizer = reference_logps.load_reference(work / "model", settings, args.torch_device)
+    from finetune.settings import read_settings, write_settings
+    path = write_settings(work / "reference.json", "reference_logps", precision=args.precision, batch_size=BATCH)
+    model, tokenizer = reference_logps.load_reference(work / "model", read_settings(path, "reference_logps"),
+                                                      args.device)
     table = pa.ipc.open_stream(pa.OSFile(str(work / "pairs.arrow"))).read_all()
     start = time.perf_counter()
     columns = reference_logps.reference_logps(model, table, "preference", BATCH, tokenizer.pad_token_id)
@@ -91,9 +83,9 @@ def ours_reference(args, work):
     return {"reference_s": time.perf_counter() - start}
 
 
-def reference_in_every_step():
-    """Wrap the dpo loss so that the frozen base (the adapter disabled) scores the batch first, as TRL does without
-    precomputing; the cached values are then overwritten by the same answer_logps the reference pass uses."""
+def score_reference_in_every_step():
+    """Wrap the loss so that the frozen base (adapter disabled) scores the batch first, with the answer_logps
+    of the reference pass, and its values replace the cached ones."""
     import torch
 
     from finetune.training import objectives
@@ -113,14 +105,14 @@ def ours(args, work, in_step):
 
     from finetune.settings import write_settings
     if in_step:
-        reference_in_every_step()
+        score_reference_in_every_step()
     counts, make_batch = collections.Counter(), train.make_batch
 
-    def counted(run, indices):
+    def counted_batch(run, indices):
         batch = make_batch(run, indices)
         count_tokens(counts, batch)
         return batch
-    train.make_batch = counted
+    train.make_batch = counted_batch
     out = work / ("ours-in-step" if in_step else "ours-cached")
     settings = write_settings(out / "train.json", "train", objective="dpo", beta=0.1, **LORA, batch_size=BATCH,
                               learning_rate=args.lr, lr_scheduler="constant_with_warmup", warmup_ratio=0,
@@ -130,20 +122,12 @@ def ours(args, work, in_step):
                 "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
                 "--threads", str(args.threads)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    ends = [row["elapsed_s"] for row in rows]
-    return {"step_s": per_step(ends, args.warmup), "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
-            **{f"{k}_per_step": v / args.steps for k, v in counts.items()}}
+    return {"step_s": per_step([row["elapsed_s"] for row in rows], args.warmup), "first_loss": rows[0]["loss"],
+            "last_loss": rows[-1]["loss"], **{f"{k}_per_step": v / args.steps for k, v in counts.items()}}
 
-
-def per_step(ends, warmup):
-    """Mean seconds per step after the warm-up, from the clock at the end of every step."""
-    return (ends[-1] - ends[warmup - 1]) / (len(ends) - warmup)
-
-
-# ---------------------------------------------------------------- TRL
 
 def trl_dataset(work):
-    """The same pairs as TRL's conversational format: the user turn the workflow renders, each answer a turn."""
+    """The same pairs in TRL's conversational format: the user turn the workflow renders, each answer a turn."""
     import datasets
 
     from finetune.data.prompts import as_messages
@@ -156,14 +140,13 @@ def trl_dataset(work):
 
 
 def same_tokens(dataset, work):
-    """How many of TRL's tokenized pairs are token for token our shard's (both sides and the completion mask)."""
+    """For how many pairs TRL's tokens are our shard's: both sequences and the trained (completion) tokens."""
     from finetune.data.shards import read_shards
-    shard = read_shards([work / "pairs.arrow"], "train")
-    ours_by_id = {e["id"]: e for e in shard}
+    ours_by_id = {e["id"]: e for e in read_shards([work / "pairs.arrow"], "train")}
     same = 0
     for row in dataset:
         e = ours_by_id[row["id"]]
-        trained = [t for t, label in zip(e["input_ids"], e["labels"]) if label != -100]
+        trained = [token for token, label in zip(e["input_ids"], e["labels"]) if label != -100]
         same += (row["prompt_ids"] + row["chosen_ids"] == e["input_ids"] and row["chosen_ids"] == trained
                  and row["prompt_ids"] + row["rejected_ids"] == e["rejected_input_ids"])
     return f"{same}/{len(dataset)}"
@@ -179,28 +162,24 @@ def trl(args, work, precompute):
     from finetune.data.tokenizer import load_tokenizer
 
     class Timed(DPOTrainer):
+        """Clocks the precompute pass and every step's end; counts the tokens of the training batches."""
+        precompute_s, ends, counts = None, [], collections.Counter()
+
         def _precompute_ref_logps(self, *a, **k):
             start = time.perf_counter()
             dataset = super()._precompute_ref_logps(*a, **k)
             self.precompute_s = time.perf_counter() - start
             return dataset
 
-    class Clock(TrainerCallback):
-        ends = []
+        def training_step(self, model, inputs, *a, **k):
+            count_tokens(self.counts, inputs)
+            return super().training_step(model, inputs, *a, **k)
 
+    class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
-
-    class CountingCollator:
-        def __init__(self, collator):
-            self.collator, self.counts = collator, collections.Counter()
-
-        def __call__(self, features):
-            batch = self.collator(features)
-            count_tokens(self.counts, batch)
-            return batch
+            Timed.ends.append(time.perf_counter())
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype)
@@ -212,19 +191,15 @@ def trl(args, work, precompute):
                        precompute_ref_log_probs=precompute)
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
-    clock = Clock()
-    trainer = Timed(model=model, args=config, train_dataset=trl_dataset(work), processing_class=load_tokenizer(
-        work / "model"), peft_config=lora, callbacks=[clock])
-    trainer.data_collator = CountingCollator(trainer.data_collator)
+    trainer = Timed(model=model, args=config, train_dataset=trl_dataset(work), peft_config=lora,
+                    processing_class=load_tokenizer(work / "model"), callbacks=[Clock()])
     identical = same_tokens(trainer.train_dataset, work)
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return {"step_s": per_step(clock.ends, args.warmup), "reference_s": getattr(trainer, "precompute_s", None),
+    return {"step_s": per_step(Timed.ends, args.warmup), "reference_s": trainer.precompute_s,
             "first_loss": losses[0], "last_loss": losses[-1], "same_tokens": identical,
-            **{f"{k}_per_step": v / args.steps for k, v in trainer.data_collator.counts.items()}}
+            **{f"{k}_per_step": v / args.steps for k, v in Timed.counts.items()}}
 
-
-# ---------------------------------------------------------------- the run and its report
 
 def worker(side, args, work):
     import torch
@@ -238,38 +213,45 @@ def worker(side, args, work):
 
 def run_side(side, args, work):
     """One measurement in a process of its own (this script with --worker); its result."""
-    command = [sys.executable, __file__, "--worker", side, "--workdir", str(work)] + [
-        f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-        if name not in ("worker", "workdir", "quick", "torch_device")]
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
+               if name not in ("worker", "workdir", "quick")]
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, __file__, "--worker", side, "--workdir", str(work), *options],
+                            capture_output=True, text=True, env=env)
     if result.returncode:
         sys.exit(f"{side} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.split("RESULT ", 1)[1])
 
 
-def report(args, results, steps_per_epoch, load):
-    o, t = results["ours-cached"], results["trl-precomputed"]
-    ours_ref, trl_ref = results["ours-reference"]["reference_s"], t["reference_s"]
-    rows = [("(1) step, reference precomputed", o["step_s"], t["step_s"], "s"),
-            (f"(2) one-off reference pass, {args.pairs} pairs", ours_ref, trl_ref, "s"),
-            (f"(1) + (2) / {steps_per_epoch} steps (one epoch)", o["step_s"] + ours_ref / steps_per_epoch,
-             t["step_s"] + trl_ref / steps_per_epoch, "s"),
-            ("(3) step, reference forward inside every step", results["ours-in-step"]["step_s"],
-             results["trl-in-step"]["step_s"], "s")]
-    print(f"\nDPO, LoRA r16 all-linear, batch {BATCH} pairs, {args.steps} steps ({args.warmup} warm-up), "
-          f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.device} {args.precision}, "
-          f"{args.threads} threads; load average before/after {load[0]:.2f}/{load[1]:.2f}")
+def machine(args):
+    from importlib.metadata import version
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return f"{cpu}, {os.cpu_count()} cores, {args.threads} threads; " + ", ".join(
+        f"{name} {version(name)}" for name in ("torch", "transformers", "peft", "trl"))
+
+
+def report(args, results, load):
+    o, t, steps_per_epoch = results["ours-cached"], results["trl-precomputed"], args.pairs // BATCH
+    ours_pass, trl_pass = results["ours-reference"]["reference_s"], t["reference_s"]
+    rows = [("(1) step, reference precomputed", o["step_s"], t["step_s"]),
+            (f"(2) one-off reference pass over the {args.pairs} pairs", ours_pass, trl_pass),
+            (f"(1) + (2) / {steps_per_epoch} (one epoch's steps)", o["step_s"] + ours_pass / steps_per_epoch,
+             t["step_s"] + trl_pass / steps_per_epoch),
+            ("(3) step, reference scored inside every step", results["ours-in-step"]["step_s"],
+             results["trl-in-step"]["step_s"])]
+    print(f"\nDPO, LoRA r16 all-linear, batch {BATCH} pairs, {args.steps} steps of which {args.warmup} warm-up, Llama "
+          f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.device} {args.precision}; "
+          f"{machine(args)}; load average {load[0]:.2f} before, {load[1]:.2f} after")
     print("| DPO | this workflow | TRL DPOTrainer | TRL / ours |\n|---|---|---|---|")
-    for name, mine, theirs, unit in rows:
-        print(f"| {name} | {mine:.3f} {unit} | {theirs:.3f} {unit} | {theirs / mine:.2f}x |")
-    for name, key in (("tokens per step, padded (non-pad)", None), ("first step loss (ln 2 = 0.6931)", "first_loss"),
-                      (f"loss at step {args.steps}", "last_loss")):
-        cells = [f"{r['padded_per_step']:.0f} ({r['real_per_step']:.0f})" if key is None else f"{r[key]:.4f}"
-                 for r in (o, t)]
-        print(f"| {name} | {cells[0]} | {cells[1]} | |")
-    print(f"(in-step variants' first losses: ours {results['ours-in-step']['first_loss']:.4f}, "
-          f"TRL {results['trl-in-step']['first_loss']:.4f}; TRL's tokens identical to ours for {t['same_tokens']} pairs)")
+    for name, mine, theirs in rows:
+        print(f"| {name} | {mine:.3f} s | {theirs:.3f} s | {theirs / mine:.2f}x |")
+    print("| tokens per step: padded (non-pad) | " + " | ".join(
+        f"{r['padded_per_step']:.0f} ({r['real_per_step']:.0f})" for r in (o, t)) + " | |")
+    print(f"| first step's loss (ln 2 = 0.6931): cached / in-step | {o['first_loss']:.4f} / "
+          f"{results['ours-in-step']['first_loss']:.4f} | {t['first_loss']:.4f} / "
+          f"{results['trl-in-step']['first_loss']:.4f} | |")
+    print(f"| loss at step {args.steps} | {o['last_loss']:.4f} | {t['last_loss']:.4f} | |\n"
+          f"(TRL's tokens are ours for {t['same_tokens']} pairs)")
 
 
 def main():
@@ -279,19 +261,18 @@ def main():
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--vocab", type=int, default=8192, help="rows of the embeddings and LM head")
+    parser.add_argument("--vocab", type=int, default=8192, help="rows of the embeddings and the LM head")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--quick", action="store_true", help="a tiny model, 64 pairs, 4 steps: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 64 pairs, 4 steps: a smoke test")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--worker", choices=SIDES, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.pairs, args.steps, args.warmup, args.hidden, args.layers, args.vocab = 64, 4, 1, 64, 2, 1024
-    args.torch_device = args.device
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args, work)))
@@ -299,7 +280,7 @@ def main():
     load_before = os.getloadavg()[0]
     build_inputs(args, work)
     results = {side: run_side(side, args, work) for side in SIDES}
-    report(args, results, args.pairs // BATCH, (load_before, os.getloadavg()[0]))
+    report(args, results, (load_before, os.getloadavg()[0]))
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 

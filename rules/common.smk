@@ -32,6 +32,17 @@ def parent_manifest(wildcards):
     return [f"results/runs/{parent}/manifest.json"] if parent else []
 
 
+def run_root_model(wildcards):
+    """A chained run's root base model (what its evaluation scores preferences against too); none otherwise."""
+    model = run_of(wildcards)["base_model"]
+    return [base_model_path(root_model(model))] if trained_by(model) else []
+
+
+def run_root_model_files(wildcards):
+    model = run_of(wildcards)["base_model"]
+    return base_model_files(root_model(model)) if trained_by(model) else []
+
+
 def reference_model(wildcards):
     return base_model_path(REFERENCES[wildcards.reference]["base_model"])
 

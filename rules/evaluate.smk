@@ -8,6 +8,7 @@ rule evaluate:
         shards=run_shards,
         records=normalized_records,
         model=run_base_model_files,
+        root_model=run_root_model_files,
         settings="results/runs/{run}/settings/evaluate.json",
         script=script("evaluate"),
         code=evaluation_code,
@@ -23,9 +24,11 @@ rule evaluate:
         gpu=evaluation_gpus,
     params:
         base_model=run_base_model,
+        root_model=run_root_model,
     shell:
         "python -m finetune.gpu_pool --gpus {resources.gpu} -- python {input.script} --run-name {wildcards.run}"
-        " --settings {input.settings} --base-model {params.base_model} --trained-dir {input.trained}"
+        " --settings {input.settings} --base-model {params.base_model} --root-model {params.root_model}"
+        " --trained-dir {input.trained}"
         " --shards {input.shards} --records {input.records} --eval-json {output.eval_json}"
         " --generations {output.generations} --threads {threads} > {log} 2>&1"
 

@@ -90,6 +90,11 @@ def evaluate(args, settings):
                   **task_metrics([g[side] for g in heldout], references, tasks)} for side in ("base", "tuned")},
         "generation": {k: v for k, v in decoding.items() if k != "batch_size"},
     }
+    if logps and args.root_model:  # a chained run: score both sides against the root base model too
+        from finetune.evaluation.preference import heldout_logps
+        root = load_base_model(args.root_model[0], dtype=dtype, tokenizer=tokenizer,
+                               trust_remote_code=settings.trust_remote_code).to(device).eval()
+        logps["root"] = heldout_logps(root, examples, settings.batch_size, tokenizer.pad_token_id)
     if logps:
         from finetune.evaluation.preference import compare
         sides, result["preference"] = compare(logps, examples, task_of(args.records, examples.record_ids()))
@@ -114,6 +119,8 @@ def parse_args(argv=None):
                         help="the trained adapter or full model, with its tokenizer")
     parser.add_argument("--shards", type=Path, nargs="+", required=True, help="Arrow shards from tokenize_data.py")
     parser.add_argument("--records", type=Path, nargs="+", required=True, help="normalized records (for references)")
+    parser.add_argument("--root-model", nargs="*", default=[],
+                        help="a chained run's root base model (base_model {run: NAME}), to score preferences against")
     parser.add_argument("--eval-json", type=Path, required=True)
     parser.add_argument("--generations", type=Path, required=True)
     parser.add_argument("--run-name", default="run")
@@ -133,8 +140,8 @@ def main(argv=None):
           f"tuned {result['tuned']['loss']:.4f} (ppl {result['tuned']['perplexity']:.1f})")
     if "preference_accuracy" in result["tuned"]:
         print(f"[{args.run_name}] held-out preference accuracy: base {result['base']['preference_accuracy']:.3f}, "
-              f"tuned {result['tuned']['preference_accuracy']:.3f}; reward accuracy "
-              f"{result['preference']['reward_accuracy']:.3f}")
+              f"tuned {result['tuned']['preference_accuracy']:.3f}; reward accuracy against the root base model "
+              f"{result['tuned']['reward_accuracy']:.3f}")
 
 
 if __name__ == "__main__":

@@ -106,8 +106,8 @@ def render_html(run_name, summary, evaluation, generations, samples, plot_png, m
                  if metric in tuned]
     preference = evaluation.get("preference")
     if preference:
-        eval_rows += [[f"{name} (tuned vs base)", None, preference[name]]
-                      for name in ("reward_accuracy", "reward_margin") if name in preference]
+        eval_rows += [[name.replace("_", " "), None, preference[name]]
+                      for name in ("reward_accuracy_vs_base", "reward_margin_vs_base") if name in preference]
     tasks = sorted(tuned.get("exact_match_by_task", {}))
     task_rows = [[task, base["exact_match_by_task"].get(task), tuned["exact_match_by_task"][task],
                   *[side.get("preference_accuracy_by_task", {}).get(task) for side in (base, tuned)]] for task in tasks]

@@ -31,11 +31,12 @@ HEADERS = {"target_modules": "target modules", "trainable_parameters": "trainabl
            "tokens_per_s": "tokens/s", "peak_memory_mb": "peak MiB", "final_train_loss": "final train loss",
            "base_eval_loss": "base eval loss", "eval_loss": "eval loss", "exact_match": "exact match",
            "rouge_l": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF", "preference_accuracy": "preference accuracy",
-           "base_preference_accuracy": "base preference accuracy", "reward_accuracy": "reward accuracy"}
+           "base_preference_accuracy": "base preference accuracy", "reward_accuracy": "reward accuracy",
+           "base_reward_accuracy": "base reward accuracy"}
 COLUMNS = ["run", "objective", "method", "r", "alpha", "target_modules", "trainable_parameters", "wall_time_s",
            "tokens_per_s", "peak_memory_mb", "final_train_loss", "base_eval_loss", "eval_loss", "perplexity",
            "exact_match", "rouge_l", "bleu", "chrf", "base_preference_accuracy", "preference_accuracy",
-           "reward_accuracy"]
+           "base_reward_accuracy", "reward_accuracy"]
 TASK_PREFIX = "exact_match:"  # one more column per task kind: its held-out exact match
 STYLE = """
 th, td { padding: 4px 6px; }
@@ -70,7 +71,8 @@ def run_row(name, settings, summary, evaluation, metrics):
         **{key: tuned.get(key) for key in ("exact_match", "rouge_l", "bleu", "chrf")},
         "base_preference_accuracy": evaluation["base"].get("preference_accuracy"),
         "preference_accuracy": tuned.get("preference_accuracy"),
-        "reward_accuracy": (evaluation.get("preference") or {}).get("reward_accuracy"),
+        "base_reward_accuracy": evaluation["base"].get("reward_accuracy"),
+        "reward_accuracy": tuned.get("reward_accuracy"),
         **{f"{TASK_PREFIX}{task}": value for task, value in tuned.get("exact_match_by_task", {}).items()},
     }
 

@@ -7,8 +7,8 @@ import re
 
 METRICS = ("exact_match", "rouge_l", "bleu", "chrf")
 # What evaluation/preference.py measures on held-out pairs (or unpaired completions), per side.
-PREFERENCE_METRICS = ("preference_accuracy", "mean_margin", "chosen_logp", "rejected_logp", "desirable_logp",
-                      "undesirable_logp")
+PREFERENCE_METRICS = ("preference_accuracy", "mean_margin", "chosen_logp", "rejected_logp", "reward_accuracy",
+                      "reward_margin", "desirable_logp", "undesirable_logp")
 # A reasoning model's answer may open with its reasoning (Qwen3 writes an empty block when not
 # thinking): it is scored on what follows. generations.jsonl keeps the whole text.
 REASONING = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)

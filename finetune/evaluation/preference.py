@@ -4,9 +4,11 @@
   the rejected one (its own preference, measurable for the base and the tuned model alike),
   overall and per task kind, with the mean margin (chosen minus rejected) and the mean
   log-probabilities of each side;
-- reward accuracy: how often the tuned model's implicit reward, its log-probability ratio to the
-  base (the reference of dpo, ipo and kto), is higher for the chosen answer than for the
-  rejected one: (c - c0) - (r - r0) > 0, as TRL's rewards/accuracies;
+- reward accuracy: how often a model's implicit reward, its log-probability ratio to a reference,
+  is higher for the chosen answer than for the rejected one: (c - c0) - (r - r0) > 0, as TRL's
+  rewards/accuracies. Against the root base model of the run's chain for both sides (so a chained
+  DPO run and its SFT parent are scored on one scale: both against the pretrained base), and the
+  tuned model against its own base (the reference dpo, ipo and kto train against);
 - for unpaired completions: the mean log-probability of the desirable and undesirable ones, and
   how often the tuned model moves a completion the way its label asks (up if desirable).
 
@@ -68,17 +70,31 @@ def unpaired_metrics(logps, desirable):
             "undesirable_logp": float(logps[~desirable].mean()) if (~desirable).any() else None}
 
 
+def reward_figures(logps, reference):
+    """How often, and by how much, a model's log-probability ratio to a reference favors the chosen answer."""
+    (chosen, rejected), (reference_chosen, reference_rejected) = logps, reference
+    rewards = (chosen - reference_chosen) - (rejected - reference_rejected)
+    return {"reward_accuracy": float((rewards > 0).mean()), "reward_margin": float(rewards.mean())}
+
+
 def compare(logps, examples, tasks):
-    """eval.json's preference figures: per side (base, tuned) and the tuned model's reward accuracy.
-    logps: {side: (first, second) from heldout_logps}."""
+    """eval.json's preference figures. logps: {model: (first, second) from heldout_logps} of the base and tuned
+    models, and of the root base model of a chained run ("root"; else the base is the root). Per side: its own
+    preference, and its rewards against the root base model (the base's only when it is not the root itself),
+    so that a chain's runs compare on one scale; and the tuned model's rewards against its base, the reference
+    of dpo, ipo and kto (TRL's rewards/accuracies)."""
+    root = logps.get("root", logps["base"])
     if examples.kind == "unpaired":
         desirable = np.array([example["desirable"] for example in examples])
-        sides = {side: unpaired_metrics(first, desirable) for side, (first, _) in logps.items()}
+        sides = {side: unpaired_metrics(logps[side][0], desirable) for side in ("base", "tuned")}
         moved_up = logps["tuned"][0] > logps["base"][0]
         return sides, {"kind": "unpaired", "records": len(examples),
-                       "reward_accuracy": float((moved_up == desirable).mean())}
-    sides = {side: preference_metrics(chosen, rejected, tasks) for side, (chosen, rejected) in logps.items()}
-    (chosen, rejected), (base_chosen, base_rejected) = logps["tuned"], logps["base"]
-    rewards = (chosen - base_chosen) - (rejected - base_rejected)
-    return sides, {"kind": "preference", "pairs": len(examples), "reward_accuracy": float((rewards > 0).mean()),
-                   "reward_margin": float(rewards.mean())}
+                       "reward_accuracy_vs_base": float((moved_up == desirable).mean())}
+    sides = {side: preference_metrics(*logps[side], tasks) for side in ("base", "tuned")}
+    sides["tuned"].update(reward_figures(logps["tuned"], root))
+    sides["base"].update(reward_figures(logps["base"], root) if "root" in logps
+                         else {"reward_accuracy": None, "reward_margin": None})
+    against_base = reward_figures(logps["tuned"], logps["base"])
+    return sides, {"kind": "preference", "pairs": len(examples),
+                   "reward_accuracy_vs_base": against_base["reward_accuracy"],
+                   "reward_margin_vs_base": against_base["reward_margin"]}

@@ -89,8 +89,8 @@ def render(kind, run_name, base_model, settings, summary, evaluation, stats, lic
                          f"{number(tuned)} |")
     preference = evaluation.get("preference")
     if preference:
-        lines.append(f"| reward_accuracy (the fine-tuned model's log-probability ratio to the base model favors the "
-                     f"chosen answer) | | {number(preference['reward_accuracy'])} |")
+        lines.append(f"| reward_accuracy_vs_base (the fine-tuned model's log-probability ratio to the base model "
+                     f"favors the chosen answer) | | {number(preference['reward_accuracy_vs_base'])} |")
     lines += ["", "## Training\n", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {setting(value)} |" for key, value in training_settings(settings)]
     lines += [f"| trainable parameters | {summary['trainable_parameters']:,} of {summary['total_parameters']:,} |",
