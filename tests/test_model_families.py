@@ -257,3 +257,38 @@ def test_a_fused_expert_run_peft_cannot_train_stops_before_any_job(tmp_path, fam
                     "--output-dir", str(tmp_path / "trained"), "--metrics", str(tmp_path / "m.jsonl"),
                     "--summary", str(tmp_path / "s.json"), "--run-name", "experts",
                     *settings_args(tmp_path, "train", method=method, **settings)])
+
+
+PAIRS = [{"messages": [{"role": "system", "content": "Answer with one word."},
+                       {"role": "user", "content": f"First word: {first} {second}"}],
+          "chosen": first, "rejected": second} for first, second in
+         [("café", "lait"), ("red", "blue"), ("naïve", "green"), ("stone", "river")]]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "mistral", "gpt2"])
+def test_preference_objectives_start_at_the_reference_on_every_template(tmp_path, family_models, family, objective):
+    """Pairs in each family's own template (ChatML, Gemma's turns, Mistral's [INST] without system turns, no
+    template at all) tokenize with one shared prompt, their reference log-probabilities are those of the model
+    a fresh adapter starts from (the first dpo loss is ln 2, kto's half the mean weight), and a step trains."""
+    import reference_logps
+    model = family_models[family]
+    records = PAIRS if objective == "dpo" else [
+        {"messages": pair["messages"], "completion": pair["chosen" if i % 2 else "rejected"], "label": i % 2 == 1}
+        for i, pair in enumerate(PAIRS)]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    validate_file(tmp_path / "raw.jsonl", tmp_path / "data.jsonl", tmp_path / "rejected.jsonl")
+    tokenizer = load_tokenizer(model)
+    tokenize_file(tmp_path / "data.jsonl", tokenizer, "auto", 64, tmp_path / "data.arrow", split="train")
+    reference_logps.main(["--base-model", str(model), "--shard", str(tmp_path / "data.arrow"), "--output",
+                          str(tmp_path / "reference.arrow"), *settings_args(tmp_path, "reference_logps",
+                                                                           precision="fp32")])
+    train.main(["--base-model", str(model), "--shards", str(tmp_path / "data.arrow"), "--reference",
+                str(tmp_path / "reference.arrow"), "--output-dir", str(tmp_path / "trained"), "--metrics",
+                str(tmp_path / "metrics.jsonl"), "--summary", str(tmp_path / "summary.json"),
+                *settings_args(tmp_path, "train", objective=objective, r=4, dropout=0.0, learning_rate=1e-2,
+                               target_modules="all-linear",
+                               batch_size=4, max_steps=2, log_every=1, checkpoint_every=0, precision="fp32")])
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.6931472 if objective == "dpo" else 0.5, abs=1e-4)
+    assert (tmp_path / "trained" / "adapter_config.json").exists()

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import parse_flag_from_env, set_seed
 from peft import get_peft_model
@@ -100,9 +101,20 @@ def setup_model(args, settings, precision, accelerator, total_steps, empty=False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if settings.method != "full":
             model.enable_input_require_grads()
-    if settings.method == "full":
-        return model, tokenizer
-    return get_peft_model(model, peft_config(settings, total_steps)), tokenizer
+    if settings.method != "full":
+        model = get_peft_model(model, peft_config(settings, total_steps))
+    if settings.objective != "sft":
+        disable_dropout(model)
+    return model, tokenizer
+
+
+def disable_dropout(model):
+    """A preference objective compares the model with its reference, computed without dropout: dropout in the
+    model being trained would add noise to every log-probability ratio (and the first loss would not be the
+    reference's). Off in every layer, LoRA's included, as TRL's disable_dropout (on by default) does."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def prepared_samples(settings, tokenizer):
