@@ -10,8 +10,8 @@ tokenizer has 660 tokens). Pairs: data/preference_train.jsonl through the valida
 gets the same prompts as chat messages and tokenizes them itself (the report counts the pairs whose tokens
 equal ours). Both sides: LoRA r 16, alpha 32, dropout 0, all-linear, batch 16 pairs, constant learning rate,
 no gradient checkpointing, seed 0, --threads threads, each measurement in a process of its own. Timed: the
-steps after --warmup (ours: metrics.jsonl's elapsed_s, a row per step; TRL: a callback's clock at each
-step's end) and the one-off reference pass (ours: reference_logps.py's pass and file; TRL: its precompute),
+steps after --warmup, their median (ours: metrics.jsonl's elapsed_s, a row per step; TRL: a callback's clock
+at each step's end) and the one-off reference pass (ours: reference_logps.py's pass and file; TRL: its precompute),
 not model loading or TRL's dataset preparation. Reference scored in every step: TRL with
 precompute_ref_log_probs=False; ours (the workflow always caches) is train.py with objective_loss wrapped
 to score the batch with the frozen base (adapter disabled) first.
@@ -61,10 +61,11 @@ def count_tokens(counts, batch):
 
 
 def per_step(ends, warmup):
-    """Median seconds per step after the warm-up, from the clock at the end of every step (the median: another
-    process on the machine delays a few steps)."""
+    """Seconds per step after the warm-up: their median (another process on the machine can delay a few steps)
+    and each step's, from the clock at the end of every step."""
     import statistics
-    return statistics.median(b - a for a, b in zip(ends[warmup - 1:], ends[warmup:]))
+    seconds = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
+    return {"step_s": statistics.median(seconds), "steps_s": [round(s, 3) for s in seconds]}
 
 
 def ours_reference(args, work):
@@ -122,7 +123,7 @@ def ours(args, work, in_step):
                 "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
                 "--threads", str(args.threads)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"step_s": per_step([row["elapsed_s"] for row in rows], args.warmup), "first_loss": rows[0]["loss"],
+    return {**per_step([row["elapsed_s"] for row in rows], args.warmup), "first_loss": rows[0]["loss"],
             "last_loss": rows[-1]["loss"], **{f"{k}_per_step": v / args.steps for k, v in counts.items()}}
 
 
@@ -196,7 +197,7 @@ def trl(args, work, precompute):
     identical = same_tokens(trainer.train_dataset, work)
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return {"step_s": per_step(Timed.ends, args.warmup), "reference_s": trainer.precompute_s,
+    return {**per_step(Timed.ends, args.warmup), "reference_s": trainer.precompute_s,
             "first_loss": losses[0], "last_loss": losses[-1], "same_tokens": identical,
             **{f"{k}_per_step": v / args.steps for k, v in Timed.counts.items()}}
 

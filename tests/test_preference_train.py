@@ -73,14 +73,14 @@ def test_every_method_starts_at_the_reference_and_learns_to_prefer(tmp_path, tin
 
 def test_a_killed_dpo_run_resumes_and_matches_an_uninterrupted_one(tmp_path, tiny_model, preference_data):
     from test_train_resume_and_scale import env, kill_after_checkpoint
-    steps = {"max_steps": 48, "eval_every": 24, "log_every": 4, "learning_rate": 5e-3}
+    steps = {"max_steps": 24, "eval_every": 12, "log_every": 4, "learning_rate": 5e-3}
     straight = tmp_path / "straight"
     subprocess.run(TRAIN + train_args(tiny_model, preference_data, straight, **steps), env=env(), check=True,
                    capture_output=True)
     resumed, checkpoints = tmp_path / "resumed", tmp_path / "checkpoints"
     command = TRAIN + train_args(tiny_model, preference_data, resumed, "--checkpoint-dir", str(checkpoints), **steps,
                                  checkpoint_every=4)
-    killed_at = kill_after_checkpoint(command, checkpoints, min_step=12)
+    killed_at = kill_after_checkpoint(command, checkpoints, min_step=8)
     assert not (resumed / "trained").exists()
     result = subprocess.run(command, env=env(), check=True, capture_output=True, text=True)
     assert f"resuming from the checkpoint at step {killed_at}" in result.stdout + result.stderr

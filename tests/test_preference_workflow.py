@@ -151,3 +151,9 @@ def test_editing_sft_data_reruns_both_runs_editing_preference_data_only_the_seco
     assert trained == ["train[run=dpo-no-sft]", "train[run=dpo]", "train[run=orpo]"]
     references = [job for job in jobs if job.startswith("reference_logps")]
     assert len(references) == 1 and "dataset=preference_train" in references[0], "only the edited shard's reference"
+
+
+def test_a_moved_preference_project_reruns_nothing(preference_finished, tmp_path):
+    """The chain, the references and the reports are all relative to the project: moved, it is up to date."""
+    project = copy_project(preference_finished, tmp_path / "moved")
+    assert planned_jobs(project, *OVERLAY) == []
