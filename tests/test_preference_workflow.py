@@ -157,3 +157,20 @@ def test_a_moved_preference_project_reruns_nothing(preference_finished, tmp_path
     """The chain, the references and the reports are all relative to the project: moved, it is up to date."""
     project = copy_project(preference_finished, tmp_path / "moved")
     assert planned_jobs(project, *OVERLAY) == []
+
+
+def test_the_docs_quote_what_the_example_printed(preference_finished):
+    """docs/preference.md's table is what the example's eval.json files hold, on the machine type the docs
+    name (elsewhere kernel paths move the SFT run's figures, and the chained runs' with them)."""
+    from test_workflow_e2e import on_the_reference_machine
+    if not on_the_reference_machine():
+        pytest.skip("the quoted figures are those of the reference machine type (docs/demo.md)")
+    from conftest import REPO
+    table = (REPO / "docs" / "preference.md").read_text().split("| run | starts from |", 1)[1].split("\n\n", 1)[0]
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+        run = cells[0].split()[0]
+        figures = evaluation(preference_finished, "dpo" if run == "lora-r16" else run)
+        side = figures["base"] if run == "lora-r16" else figures["tuned"]
+        quoted = [float(value) for value in cells[2:5]]
+        assert quoted == [round(side[key], 3) for key in ("exact_match", "preference_accuracy", "reward_accuracy")], run
