@@ -266,7 +266,7 @@ def report(args, rounds, load):
           f"{results['trl-in-step']['first_loss']:.4f} | |")
     print(f"| loss at step {args.steps} | {o['last_loss']:.4f} | {t['last_loss']:.4f} | |\n"
           f"(TRL's tokens are ours for {t['same_tokens']} pairs) Each round, s: " + "; ".join(
-              f"{side} " + " ".join(f"{r[side].get('step_s', r[side]['reference_s']):.3f}" for r in rounds)
+              f"{side} " + " ".join(f"{r[side].get('step_s') or r[side]['reference_s']:.3f}" for r in rounds)
               for side in SIDES))
 
 

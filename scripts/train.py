@@ -70,7 +70,9 @@ def step_totals(run, window):
         counts = [sum(count_trained_tokens(b["labels"]) for b in window), 0]
     else:
         from finetune.training.objectives import trained_first_tokens
-        counts = [sum(len(b["input_ids"]) // 2 for b in window), sum(trained_first_tokens(b, run.settings.objective) for b in window)]
+        objective = run.settings.objective
+        counts = [sum(len(b["input_ids"]) // 2 for b in window),
+                  sum(trained_first_tokens(b, objective) for b in window)]
     return run.accelerator.reduce(torch.tensor(counts, device=run.device), reduction="sum").tolist()
 
 

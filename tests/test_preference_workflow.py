@@ -123,7 +123,7 @@ def test_a_sweep_over_beta_trains_every_run_on_the_one_reference_pass(preference
     sweep = ("sweeps:\n  beta:\n    base: {base_model: {run: lora-r16}, objective: dpo, sft_weight: 1.0, "
              "learning_rate: 0.0005, max_steps: 300}\n    grid: {beta: [0.05, 0.5]}\n")
     (project / "config" / "sweep.yaml").write_text(sweep)
-    jobs = planned_jobs(project, *OVERLAY, "--configfile", "config/sweep.yaml")
+    jobs = planned_jobs(project, *OVERLAY, "config/sweep.yaml")
     assert [job for job in jobs if job.startswith("train[")] == ["train[run=beta-beta0.05]", "train[run=beta-beta0.5]"]
     assert not [job for job in jobs if job.startswith("reference_logps")], "the reference is computed already"
 

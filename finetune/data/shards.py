@@ -50,8 +50,9 @@ class ShardExamples:
                                       or [np.zeros(0, np.int32)])
         kinds = {shard_kind(batch.schema) for batch in self.batches}
         if len(kinds) > 1:
-            raise ValueError(f"the shards {', '.join(map(str, paths))} mix record formats ({', '.join(sorted(kinds))}); "
-                             "a run trains on one kind: SFT records, preference pairs or unpaired completions")
+            raise ValueError(f"the shards {', '.join(map(str, paths))} mix record formats "
+                             f"({', '.join(sorted(kinds))}); a run trains on one kind: SFT records, preference pairs "
+                             "or unpaired completions")
         self.kind = kinds.pop() if kinds else "sft"
         self.sequences = [name for name in (self.batches[0].schema.names if self.batches else ["input_ids", "labels"])
                           if name.endswith("input_ids") or name.endswith("labels")]
