@@ -1,26 +1,27 @@
-"""Time a DPO step of this workflow (scripts/train.py, objective dpo) against TRL's DPOTrainer on the
-same machine, model, pairs and batch, the reference's log-probabilities precomputed and scored in every step.
+"""Time a DPO step of this workflow (scripts/train.py, objective dpo) against TRL's DPOTrainer on the same
+machine, model, pairs and batch: the reference's log-probabilities precomputed, and scored in every step.
 
-    python bench/dpo_bench.py                                # CPU, fp32: what BENCHMARKS.md records
-    python bench/dpo_bench.py --device cuda --precision bf16 # written the same way, but run on CPU only so far
-    python bench/dpo_bench.py --quick                        # tiny model, 4 steps: a smoke test
+    python bench/dpo_bench.py --wait-idle                    # CPU, fp32: what BENCHMARKS.md records
+    python bench/dpo_bench.py --device cuda --precision bf16 # the same on a GPU (run on CPU only so far)
+    python bench/dpo_bench.py --quick                        # tiny model, 4 steps, 1 round: a smoke test
 
-Model: a Llama from finetune.tiny_model, random weights, its vocabulary padded to --vocab rows (the example
+Model: a Llama from finetune.tiny_model, random weights, vocabulary padded to --vocab rows (the example
 tokenizer has 660 tokens). Pairs: data/preference_train.jsonl through the validate and tokenize stages; TRL
 gets the same prompts as chat messages and tokenizes them itself (the report counts the pairs whose tokens
-equal ours). Both sides: LoRA r 16, alpha 32, dropout 0, all-linear, batch 16 pairs, constant learning rate,
-no gradient checkpointing, seed 0, --threads threads, each measurement in a process of its own, --repeats
-rounds of them all, the fastest round of each side counting. Timed: the
-steps after --warmup, their median (ours: metrics.jsonl's elapsed_s, a row per step; TRL: a callback's clock
-at each step's end) and the one-off reference pass (ours: reference_logps.py's pass and file; TRL: its precompute),
-not model loading or TRL's dataset preparation. Reference scored in every step: TRL with
-precompute_ref_log_probs=False; ours (the workflow always caches) is train.py with objective_loss wrapped
-to score the batch with the frozen base (adapter disabled) first.
+are ours). Both sides: LoRA r 16, alpha 32, dropout 0, all-linear, batch 16 pairs, constant learning rate,
+no gradient checkpointing, seed 0, --threads threads; each measurement in a process of its own, --repeats
+rounds of them all, each side's fastest round counting. Timed: the median step after --warmup (ours:
+metrics.jsonl's elapsed_s, a row per step; TRL: a callback's clock at each step's end) and the one-off
+reference pass (ours: reference_logps.py's pass and file; TRL: its precompute pass); not model loading nor
+TRL's dataset preparation. Reference scored in every step: TRL with precompute_ref_log_probs=False; ours
+(the workflow always caches) is train.py with objective_loss wrapped to score the batch with the frozen base
+(adapter disabled) first.
 """
 import argparse
 import collections
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports transformers (in the functions below)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 SIDES = ["ours-reference", "ours-cached", "ours-in-step", "trl-precomputed", "trl-in-step"]
@@ -62,9 +62,7 @@ def count_tokens(counts, batch):
 
 
 def per_step(ends, warmup):
-    """Seconds per step after the warm-up: their median (another process on the machine can delay a few steps)
-    and each step's, from the clock at the end of every step."""
-    import statistics
+    """The median step after the warm-up (another process on the machine can delay a few), and every step's."""
     seconds = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
     return {"step_s": statistics.median(seconds), "steps_s": [round(s, 3) for s in seconds]}
 
@@ -86,8 +84,8 @@ def ours_reference(args, work):
 
 
 def score_reference_in_every_step():
-    """Wrap the loss so that the frozen base (adapter disabled) scores the batch first, with the answer_logps
-    of the reference pass, and its values replace the cached ones."""
+    """Wrap the loss so that the frozen base (adapter disabled) scores the batch first with the reference pass's
+    answer_logps, its values replacing the cached ones."""
     import torch
 
     from finetune.training import objectives
@@ -125,7 +123,7 @@ def ours(args, work, in_step):
                 "--threads", str(args.threads)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {**per_step([row["elapsed_s"] for row in rows], args.warmup), "first_loss": rows[0]["loss"],
-            "last_loss": rows[-1]["loss"], **{f"{k}_per_step": v / args.steps for k, v in counts.items()}}
+            **{f"{k}_per_step": v / args.steps for k, v in counts.items()}}
 
 
 def trl_dataset(work):
@@ -142,7 +140,7 @@ def trl_dataset(work):
 
 
 def same_tokens(dataset, work):
-    """For how many pairs TRL's tokens are our shard's: both sequences and the trained (completion) tokens."""
+    """For how many pairs TRL's tokens are our shard's: both sequences, and the trained (completion) tokens."""
     from finetune.data.shards import read_shards
     ours_by_id = {e["id"]: e for e in read_shards([work / "pairs.arrow"], "train")}
     same = 0
@@ -164,7 +162,7 @@ def trl(args, work, precompute):
     from finetune.data.tokenizer import load_tokenizer
 
     class Timed(DPOTrainer):
-        """Clocks the precompute pass and every step's end; counts the tokens of the training batches."""
+        """Clocks the precompute pass; counts the tokens of the training batches."""
         precompute_s, ends, counts = None, [], collections.Counter()
 
         def _precompute_ref_logps(self, *a, **k):
@@ -183,8 +181,8 @@ def trl(args, work, precompute):
                 torch.cuda.synchronize()
             Timed.ends.append(time.perf_counter())
 
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        work / "model", dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
     config = DPOConfig(output_dir=str(work / "trl-out"), per_device_train_batch_size=BATCH, learning_rate=args.lr,
                        lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps, logging_steps=1,
                        save_strategy="no", report_to=[], seed=0, use_cpu=args.device == "cpu",
@@ -197,9 +195,8 @@ def trl(args, work, precompute):
                     processing_class=load_tokenizer(work / "model"), callbacks=[Clock()])
     identical = same_tokens(trainer.train_dataset, work)
     trainer.train()
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return {**per_step(Timed.ends, args.warmup), "reference_s": trainer.precompute_s,
-            "first_loss": losses[0], "last_loss": losses[-1], "same_tokens": identical,
+    return {**per_step(Timed.ends, args.warmup), "reference_s": trainer.precompute_s, "same_tokens": identical,
+            "first_loss": next(row["loss"] for row in trainer.state.log_history if "loss" in row),
             **{f"{k}_per_step": v / args.steps for k, v in Timed.counts.items()}}
 
 
@@ -213,10 +210,23 @@ def worker(side, args, work):
     return trl(args, work, precompute=side == "trl-precomputed")
 
 
+def busy_cpus(seconds=2.0):
+    """The share of the CPUs' time spent busy over the next `seconds` (/proc/stat), this script asleep."""
+    def times():
+        return [int(field) for field in open("/proc/stat").readline().split()[1:]]
+    before = times()
+    time.sleep(seconds)
+    delta = [b - a for a, b in zip(before, times())]
+    return 1 - (delta[3] + delta[4]) / sum(delta)  # idle and iowait
+
+
 def run_side(side, args, work):
-    """One measurement in a process of its own (this script with --worker); its result."""
+    """One measurement in a process of its own (this script with --worker); its result. With --wait-idle it
+    starts once the CPUs are 90% idle, so that another process's work is not counted."""
+    while args.wait_idle and busy_cpus() > 0.1:
+        time.sleep(5)
     options = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-               if name not in ("worker", "workdir", "quick")]
+               if name not in ("worker", "workdir", "quick", "wait_idle")]
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
     result = subprocess.run([sys.executable, __file__, "--worker", side, "--workdir", str(work), *options],
                             capture_output=True, text=True, env=env)
@@ -228,12 +238,9 @@ def run_side(side, args, work):
 def best_of(rounds):
     """Per side, its fastest step and reference pass over the rounds (another process on the machine slows a
     round, never speeds it up); the rest from the first round."""
-    best = {}
-    for side in SIDES:
-        runs = [r[side] for r in rounds]
-        best[side] = {**runs[0], **{key: min(run[key] for run in runs) for key in ("step_s", "reference_s")
-                                    if runs[0].get(key) is not None}}
-    return best
+    return {side: {**rounds[0][side], **{key: min(r[side][key] for r in rounds)
+                                         for key in ("step_s", "reference_s") if rounds[0][side].get(key)}}
+            for side in SIDES}
 
 
 def machine(args):
@@ -244,15 +251,15 @@ def machine(args):
 
 
 def report(args, rounds, load):
-    results = best_of(rounds)
-    o, t, steps_per_epoch = results["ours-cached"], results["trl-precomputed"], args.pairs // BATCH
-    ours_pass, trl_pass = results["ours-reference"]["reference_s"], t["reference_s"]
+    best = best_of(rounds)
+    o, t, steps_per_epoch = best["ours-cached"], best["trl-precomputed"], args.pairs // BATCH
+    ours_pass, trl_pass = best["ours-reference"]["reference_s"], t["reference_s"]
     rows = [("(1) step, reference precomputed", o["step_s"], t["step_s"]),
             (f"(2) one-off reference pass over the {args.pairs} pairs", ours_pass, trl_pass),
             (f"(1) + (2) / {steps_per_epoch} (one epoch's steps)", o["step_s"] + ours_pass / steps_per_epoch,
              t["step_s"] + trl_pass / steps_per_epoch),
-            ("(3) step, reference scored inside every step", results["ours-in-step"]["step_s"],
-             results["trl-in-step"]["step_s"])]
+            ("(3) step, reference scored inside every step", best["ours-in-step"]["step_s"],
+             best["trl-in-step"]["step_s"])]
     print(f"\nDPO, LoRA r16 all-linear, batch {BATCH} pairs, {args.steps} steps of which {args.warmup} warm-up, Llama "
           f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.device} {args.precision}; "
           f"{machine(args)}; load average {load[0]:.2f} before, {load[1]:.2f} after")
@@ -261,13 +268,12 @@ def report(args, rounds, load):
         print(f"| {name} | {mine:.3f} s | {theirs:.3f} s | {theirs / mine:.2f}x |")
     print("| tokens per step: padded (non-pad) | " + " | ".join(
         f"{r['padded_per_step']:.0f} ({r['real_per_step']:.0f})" for r in (o, t)) + " | |")
-    print(f"| first step's loss (ln 2 = 0.6931): cached / in-step | {o['first_loss']:.4f} / "
-          f"{results['ours-in-step']['first_loss']:.4f} | {t['first_loss']:.4f} / "
-          f"{results['trl-in-step']['first_loss']:.4f} | |")
-    print(f"| loss at step {args.steps} | {o['last_loss']:.4f} | {t['last_loss']:.4f} | |\n"
-          f"(TRL's tokens are ours for {t['same_tokens']} pairs) Each round, s: " + "; ".join(
-              f"{side} " + " ".join(f"{r[side].get('step_s') or r[side]['reference_s']:.3f}" for r in rounds)
-              for side in SIDES))
+    print("| first step's loss, reference precomputed / in the step (ln 2 = 0.6931) | " + " | ".join(
+        f"{best[cached]['first_loss']:.4f} / {best[in_step]['first_loss']:.4f}"
+        for cached, in_step in (("ours-cached", "ours-in-step"), ("trl-precomputed", "trl-in-step"))) + " | |")
+    print(f"TRL's tokens are ours for {t['same_tokens']} pairs. Each round (s): " + "; ".join(
+        f"{side} " + " ".join(f"{r[side].get('step_s') or r[side]['reference_s']:.3f}" for r in rounds)
+        for side in SIDES))
 
 
 def main():
@@ -283,7 +289,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of every side, the fastest of each counts")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every side; each side's fastest counts")
+    parser.add_argument("--wait-idle", action="store_true", help="start each measurement on idle CPUs (shared machine)")
     parser.add_argument("--quick", action="store_true", help="tiny model, 64 pairs, 4 steps, 1 round: a smoke test")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--worker", choices=SIDES, default=None, help=argparse.SUPPRESS)
@@ -298,8 +305,8 @@ def main():
     load_before = os.getloadavg()[0]
     build_inputs(args, work)
     rounds = [{side: run_side(side, args, work) for side in SIDES} for _ in range(args.repeats)]
-    report(args, rounds, (load_before, os.getloadavg()[0]))
     (work / "results.json").write_text(json.dumps(rounds, indent=2))
+    report(args, rounds, (load_before, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":
