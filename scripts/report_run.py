@@ -126,7 +126,8 @@ def render_html(run_name, summary, evaluation, generations, samples, plot_png, m
         f"<p>On {evaluation['eval_records']} held-out records ({evaluation['eval_tokens']} trained tokens): {exact}"
         f"loss base {base['loss']:.4f}, tuned {tuned['loss']:.4f}.</p>",
         "<h2>What was learned</h2>", learned_table(generations),
-        "<h2>Per task</h2>", table(task_headers, [row[:len(task_headers)] for row in task_rows]) if task_rows else "",
+        f"<h2>{'Exact match and preference accuracy' if len(task_headers) > 3 else 'Exact match'} per task</h2>",
+        table(task_headers, [row[:len(task_headers)] for row in task_rows]) if task_rows else "",
         "<h2>Evaluation</h2>", table(["metric", "base", "tuned"], eval_rows),
         "<h2>Loss curve</h2>", image("loss curve", plot_png),
         "<h2>Answers over training</h2>", samples_table(samples),

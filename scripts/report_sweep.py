@@ -179,13 +179,20 @@ def task_columns(rows):
     return sorted({key for row in rows for key in row if key.startswith(TASK_PREFIX)})
 
 
+def shown_columns(rows):
+    """The table's columns, less those that would tell nothing: empty in every row (the preference columns of
+    a sweep of SFT runs), and the objective when every run is SFT. The CSV keeps them all."""
+    columns = [c for c in COLUMNS if any(row.get(c) is not None for row in rows)]
+    return [c for c in columns if c != "objective" or any(row[c] != "sft" for row in rows)]
+
+
 def render_html(rows, loss_png, params_png, swept_png=None):
     best, why = best_run(rows)
     tasks = task_columns(rows)
     return page("Sweep report", [
         f"<h1>Sweep: {len(rows)} run(s)</h1>",
         f"<p>{why}: <b>{html.escape(best)}</b>. Click a column header to sort.</p>",
-        sortable_table("sweep", rows, COLUMNS, HEADERS, best),
+        sortable_table("sweep", rows, shown_columns(rows), HEADERS, best),
         "<h2>Exact match per task</h2>" if tasks else "",
         sortable_table("tasks", rows, ["run"] + tasks, {t: t[len(TASK_PREFIX):] for t in tasks}, best) if tasks else "",
         "<h2>Loss curves</h2>", image("loss curves", loss_png),
