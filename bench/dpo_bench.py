@@ -1,21 +1,18 @@
 """Time a DPO step of this workflow (scripts/train.py, objective dpo) against TRL's DPOTrainer on the same
-machine, model, pairs and batch: the reference's log-probabilities precomputed, and scored in every step.
+machine, model, pairs and batch; the reference's log-probabilities precomputed, and scored in every step.
 
     python bench/dpo_bench.py --wait-idle                    # CPU, fp32: what BENCHMARKS.md records
-    python bench/dpo_bench.py --device cuda --precision bf16 # the same on a GPU (run on CPU only so far)
+    python bench/dpo_bench.py --device cuda --precision bf16 # the same on a GPU: written, but run on CPU only
     python bench/dpo_bench.py --quick                        # tiny model, 4 steps, 1 round: a smoke test
 
-Model: a Llama from finetune.tiny_model, random weights, vocabulary padded to --vocab rows (the example
-tokenizer has 660 tokens). Pairs: data/preference_train.jsonl through the validate and tokenize stages; TRL
-gets the same prompts as chat messages and tokenizes them itself (the report counts the pairs whose tokens
-are ours). Both sides: LoRA r 16, alpha 32, dropout 0, all-linear, batch 16 pairs, constant learning rate,
-no gradient checkpointing, seed 0, --threads threads; each measurement in a process of its own, --repeats
-rounds of them all, each side's fastest round counting. Timed: the median step after --warmup (ours:
-metrics.jsonl's elapsed_s, a row per step; TRL: a callback's clock at each step's end) and the one-off
-reference pass (ours: reference_logps.py's pass and file; TRL: its precompute pass); not model loading nor
-TRL's dataset preparation. Reference scored in every step: TRL with precompute_ref_log_probs=False; ours
-(the workflow always caches) is train.py with objective_loss wrapped to score the batch with the frozen base
-(adapter disabled) first.
+Both sides: the same Llama (finetune.tiny_model, random weights, vocabulary padded to --vocab rows), the
+same pairs (data/preference_train.jsonl; TRL tokenizes the same chat messages itself, and the report counts
+the pairs whose tokens are ours), LoRA r 16 alpha 32 dropout 0 all-linear, batch 16 pairs, constant learning
+rate, no gradient checkpointing, seed 0, --threads threads. Each measurement runs in a process of its own;
+--repeats rounds of them all, each side's fastest round counting. Timed: the median step after --warmup, and
+the one-off reference pass (ours: reference_logps.py's pass and file; TRL: its precompute pass); not model
+loading nor TRL's dataset preparation. Reference in every step: TRL with precompute_ref_log_probs=False;
+ours (the workflow always caches) is train.py with its loss wrapped to score the batch with the frozen base.
 """
 import argparse
 import collections
