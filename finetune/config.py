@@ -16,7 +16,7 @@ Every problem is a ValueError that names the run, sweep, base model or dataset.
 import json
 import os
 
-from finetune.settings import run_conflicts
+from finetune.settings import fill_objective_defaults, run_conflicts
 from finetune.sweeps import grid_runs
 
 def check_sweep(sweep, spec, run_settings):
@@ -63,8 +63,10 @@ def merge_run_defaults(config):
 
 
 def check_before_defaults(config):
-    """Settings that do not apply, caught before validation fills in their defaults."""
+    """Settings that do not apply, caught before validation fills in their defaults; the defaults that depend
+    on a run's objective (x-default-for in the schema), filled in before it does."""
     for name, run in (config.get("runs") or {}).items():
+        fill_objective_defaults(run)
         if run.get("method") == "full" and run.get("merge"):
             raise ValueError(f"run '{name}': merge does not apply to method full (its trained folder is a whole "
                              "model already); remove merge or set it to false")
@@ -95,7 +97,8 @@ def pretraining_corpora(config):
 
 
 # The record formats each objective trains on (a dataset of format auto may be any).
-OBJECTIVE_FORMATS = {"sft": ("alpaca", "chat", "completion"), "kto": ("unpaired",)}
+OBJECTIVE_FORMATS = {"sft": ("alpaca", "chat", "completion"), "kto": ("unpaired",),
+                     "grpo": ("alpaca", "chat", "completion", "preference", "unpaired")}
 PREFERENCE_FORMATS = ("preference",)
 
 
@@ -148,11 +151,13 @@ def resolve_chains(config):
 
 def default_datasets(config, name, run, corpora):
     """A run's datasets when it names none: every dataset that is no pretraining corpus and whose format its
-    objective trains on (format auto counts as SFT data)."""
-    formats = objective_formats(run["objective"])
+    objective trains on (format auto counts as SFT data; grpo takes the SFT datasets by default, a run cannot
+    mix records of several kinds)."""
+    sft_data = run["objective"] in ("sft", "grpo")
+    formats = objective_formats("sft" if sft_data else run["objective"])
     found = [dataset for dataset, spec in config["datasets"].items()
              if dataset not in corpora and (spec.get("format", "auto") in formats
-                                            or (spec.get("format", "auto") == "auto" and run["objective"] == "sft"))]
+                                            or (spec.get("format", "auto") == "auto" and sft_data))]
     if not found:
         raise ValueError(f"run '{name}': objective {run['objective']} trains on datasets of format "
                          f"{' or '.join(formats)}, and none is configured (set a dataset's format)")
@@ -189,6 +194,9 @@ def resolve_runs(config):
         if run["method"] == "full":
             run["merge"] = False
         problems = run_conflicts(run) + hub_target_problems(run)
+        if run["objective"] == "grpo":
+            from finetune.training.rewards import reward_problems
+            problems += reward_problems(run["rewards"])
         if problems:
             raise ValueError(f"run '{name}': " + "; ".join(problems))
 

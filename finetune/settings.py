@@ -70,6 +70,19 @@ def is_learned(spec):
     return spec.get("x-learned", True)
 
 
+def default_of(spec, run):
+    """A setting's default for this run: the declared one, or the one `x-default-for` names for its objective."""
+    return (spec.get("x-default-for") or {}).get((run or {}).get("objective", "sft"), spec.get("default"))
+
+
+def fill_objective_defaults(run, schema_file=SCHEMA_FILE):
+    """Set the run's settings whose default depends on its objective (x-default-for), where the run leaves them
+    out; before validation fills in the declared defaults."""
+    for name, spec in load_schema(schema_file)["$defs"]["run"]["properties"].items():
+        if "x-default-for" in spec and name not in run:
+            run[name] = default_of(spec, run)
+
+
 def share(stage, schema_file=SCHEMA_FILE, **given):
     """The settings `stage` receives, from the config objects given by section (run=..., eval=...):
     each setting's value, or its declared default (None where it has none)."""
@@ -77,7 +90,7 @@ def share(stage, schema_file=SCHEMA_FILE, **given):
     for name, (section, spec) in declared(stage, schema_file).items():
         if section not in given:
             raise KeyError(f"{stage} needs the {section!r} section (for the setting {name!r})")
-        values[name] = (given[section] or {}).get(name, spec.get("default"))
+        values[name] = (given[section] or {}).get(name, default_of(spec, given.get("run")))
     return values
 
 
@@ -136,7 +149,7 @@ def read_settings(path, stage, schema_file=SCHEMA_FILE):
 
 def resolved(stage, schema_file=SCHEMA_FILE, **values):
     """The given values over the declared defaults of `stage`, checked; ValueError naming what is wrong."""
-    defaults = {name: spec.get("default") for name, (_, spec) in declared(stage, schema_file).items()}
+    defaults = {name: default_of(spec, values) for name, (_, spec) in declared(stage, schema_file).items()}
     settings = {**defaults, **values}
     found = problems(stage, settings, schema_file)
     if found:
@@ -168,9 +181,13 @@ def run_conflicts(run):
         if wanted and not run.get("eval_every"):
             found.append(f"{name} compares held-out losses between evaluations: set eval_every (steps between them)")
     objective = run.get("objective", "sft")
-    if objective != "sft" and run.get("packing") == "on":
+    if objective not in ("sft", "grpo") and run.get("packing") == "on":
         found.append(f"objective {objective} compares whole answers row by row; packing applies to sft only "
                      "(use packing auto or off)")
+    if objective in ("dpo", "ipo", "simpo", "kto") and run.get("beta", 0.1) <= 0:
+        found.append(f"objective {objective} needs beta > 0 (it scales, or for ipo inverts, the rewards)")
+    if objective == "grpo":
+        found += grpo_conflicts(run)
     if objective == "kto" and run.get("batch_size", 8) < 2:
         found.append("kto estimates its KL term from the other completions of a micro-batch: set batch_size >= 2")
     if distributed == "fsdp":
@@ -182,6 +199,16 @@ def run_conflicts(run):
         if precision == "fp16":
             found.append("distributed fsdp trains in bf16 or fp32 (fp16 needs loss scaling it does not do); "
                          "use precision bf16, or distributed ddp")
+    return found
+
+
+def grpo_conflicts(run):
+    found = []
+    if run.get("method") == "adalora":
+        found.append("objective grpo trains lora, qlora, dora or full (AdaLoRA's rank budget follows a "
+                     "supervised schedule); use another method")
+    if run.get("packing") == "on":
+        found.append("objective grpo samples whole completions per prompt; packing applies to sft only")
     return found
 
 

@@ -13,6 +13,8 @@ PACKAGE = "finetune"
 SAMPLING = ("finetune.training.samples",)
 # Imported only by runs with a preference objective (dpo, ipo, simpo, orpo, kto).
 PREFERENCE = ("finetune.training.objectives",)
+# Imported only by runs with objective grpo.
+GRPO = ("finetune.training.grpo", "finetune.training.rewards")
 
 
 def script(name):

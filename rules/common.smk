@@ -2,6 +2,7 @@
 # a dataset's source, a stage's settings file, how a training job starts and what it
 # asks of the scheduler. Uses config.smk, paths.smk and code.smk; the rule files use it.
 from finetune.settings import stages
+from finetune.training.rewards import reward_files
 
 SETTINGS_STAGES = "|".join(stages(SCHEMA))  # the stages that read a settings file
 
@@ -102,10 +103,21 @@ def samples(run):
 
 def training_code(wildcards):
     """train.py's code; the code that answers prompts during training only for runs that do, and the
-    preference objectives only for runs that optimize one."""
+    preference objectives and GRPO only for runs that optimize one."""
     run = run_of(wildcards)
-    leave_out = (() if samples(run) else SAMPLING) + (PREFERENCE if run["objective"] == "sft" else ())
-    return code_of("train", leave_out=leave_out)
+    leave_out = (() if samples(run) else SAMPLING) + (PREFERENCE if run["objective"] in ("sft", "grpo") else ())
+    return code_of("train", leave_out=leave_out + (() if run["objective"] == "grpo" else GRPO))
+
+
+def run_records(wildcards):
+    """A grpo run's validated records (its prompts and their answers); none for other objectives."""
+    return normalized_records(wildcards) if run_of(wildcards)["objective"] == "grpo" else []
+
+
+def run_reward_files(wildcards):
+    """The project files whose functions a grpo run's rewards name: editing one reruns the run."""
+    run = run_of(wildcards)
+    return reward_files(run["rewards"]) if run["objective"] == "grpo" else []
 
 
 def evaluation_code(wildcards):

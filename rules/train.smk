@@ -2,7 +2,8 @@
 # the run's `gpus`, so `snakemake --resources gpu=N` bounds concurrent GPU jobs; a run
 # with `nodes` > 1 asks SLURM for that many nodes instead (training_resources).
 # A run with objective dpo, ipo or kto also reads its reference's log-probabilities of each
-# shard (rules/preference.smk); a chained run's manifest includes its parent's.
+# shard (rules/preference.smk); a grpo run reads its records (prompts and answers) and the
+# project files of its rewards; a chained run's manifest includes its parent's.
 # Checkpoints go to results/checkpoints/{run}, which is not an output: Snakemake
 # deletes the outputs of a failed job, and a rerun resumes from the checkpoint.
 # The GPU pool and the launcher (finetune/gpu_pool.py, finetune/launch.py) are not
@@ -13,6 +14,8 @@ rule train:
     input:
         shards=run_shards,
         reference=run_reference_files,
+        records=run_records,
+        rewards=run_reward_files,
         model=run_base_model_files,
         settings="results/runs/{run}/settings/train.json",
         script=script("train"),
@@ -44,7 +47,7 @@ rule train:
     shell:
         "python -m finetune.gpu_pool --gpus {params.gpus} -- {params.launcher} {input.script}"
         " --run-name {params.run_name} --settings {input.settings} --base-model {params.base_model}"
-        " --shards {input.shards} --reference {input.reference} --output-dir {output.trained} --metrics {output.metrics}"
+        " --shards {input.shards} --reference {input.reference} --records {input.records} --output-dir {output.trained} --metrics {output.metrics}"
         " --summary {output.summary} --samples {output.samples} --tensorboard-dir {output.tensorboard}"
         " --tracker-dir results/trackers --checkpoint-dir {params.checkpoints} --threads {threads} > {log} 2>&1"
 

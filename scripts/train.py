@@ -20,6 +20,8 @@ a full run of this same recipe on plain text.
 - A preference objective (dpo, ipo, simpo, orpo, kto) trains on preference or unpaired shards
   with the loss of training/objectives.py (imported only by such runs, so that it is code of
   those runs alone), against the reference's log-probabilities given with --reference.
+- grpo samples completions of the records' prompts (--records) and learns from their rewards
+  (training/grpo.py, training/rewards.py; imported only by grpo runs).
 
     python scripts/train.py --settings results/runs/r8/settings/train.json \
         --base-model results/base_models/tiny-llama --shards results/tokens/TOKENIZATION/*.arrow \
@@ -77,7 +79,10 @@ def step_totals(run, window):
 
 
 def micro_batch_loss(run, batch, totals):
-    """This micro-batch's share of the step's mean loss, and its statistics (preference objectives)."""
+    """This micro-batch's share of the step's mean loss, and its statistics (preference objectives, grpo)."""
+    if run.settings.objective == "grpo":
+        from finetune.training import grpo
+        return grpo.micro_batch_loss(run, batch, totals)
     if run.train_examples.kind == "sft":
         return run.model(**batch, num_items_in_batch=totals[0], use_cache=False).loss, {}
     from finetune.training.objectives import objective_loss
@@ -88,11 +93,15 @@ def train_step(run, step):
     """Forward and backward over one accumulation window, then the optimizer step. Returns (epoch,
     mean loss per trained token (per pair), trained tokens (pairs), tokens seen here, grad norm, stats)."""
     accelerator, processes, settings = run.accelerator, run.accelerator.num_processes, run.settings
-    window = [run.next_micro_batch() for _ in range(settings.grad_accum)]
-    epoch = window[-1][0]
-    window = [make_batch(run, indices) for _, indices in window]
-    totals = step_totals(run, window)
-    step_loss, tokens_seen, stats = 0.0, 0, collections.Counter()
+    if settings.objective == "grpo":  # completions sampled and scored (every `iterations` steps)
+        from finetune.training import grpo
+        epoch, window, totals, rollout_stats = grpo.step_batches(run, step)
+    else:
+        window = [run.next_micro_batch() for _ in range(settings.grad_accum)]
+        epoch, rollout_stats = window[-1][0], {}
+        window = [make_batch(run, indices) for _, indices in window]
+        totals = step_totals(run, window)
+    step_loss, tokens_seen, stats = 0.0, 0, collections.Counter(rollout_stats)
     for i, batch in enumerate(window):
         batch = {k: v.to(run.device) for k, v in batch.items()}
         # DDP syncs gradients once per window; FSDP reduce-scatters every micro-batch, keeping only its shard.
@@ -139,13 +148,19 @@ def metrics_row(run, step, epoch, interval, seconds):
            "lr": run.scheduler.get_last_lr()[0], "grad_norm": interval["grad_norm"],
            "tokens_per_s": interval["tokens"] * run.accelerator.num_processes / seconds,
            "elapsed_s": run.progress.elapsed_before + time.perf_counter() - run.progress.started}
-    pairs = interval["stats"].pop("pairs", 0)
-    row.update({name: total / max(pairs, 1) for name, total in sorted(interval["stats"].items())})
+    if run.grpo:
+        from finetune.training import grpo
+        row.update(grpo.metrics(interval["stats"]))
+    else:
+        pairs = interval["stats"].pop("pairs", 0)
+        row.update({name: total / max(pairs, 1) for name, total in sorted(interval["stats"].items())})
     eval_every = run.settings.eval_every
     if run.eval_examples and (step == run.total_steps or (eval_every and step % eval_every == 0)):
         run.model.eval()
         pad = run.tokenizer.pad_token_id
-        if run.eval_examples.kind == "sft":
+        if run.grpo:
+            row["eval_reward"] = grpo.heldout_reward(run, step)
+        elif run.eval_examples.kind == "sft":
             row["eval_loss"] = mean_token_loss(run.model, run.eval_examples, run.settings.batch_size, pad)[0]
         else:
             from finetune.training.objectives import heldout_objective_loss
@@ -246,12 +261,17 @@ def train(args, settings):
                 bar.write(f"[{args.run_name}] " + " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             interval, interval_start = new_interval(), time.perf_counter()
-            stop = select(run, step, row["eval_loss"]) if "eval_loss" in row else None
+            # keep: best and early stopping follow the held-out loss (for grpo: minus the held-out reward).
+            held_out = row.get("eval_loss", -row["eval_reward"] if "eval_reward" in row else None)
+            stop = select(run, step, held_out) if held_out is not None else None
             if stop:
                 run.say(f"{stop}: stopping at step {step} of {run.total_steps}")
                 break
         if run.samples[0] and (step % settings.sample_every == 0 or step == run.total_steps):
             sample(run, step, log)
+        if run.grpo and settings.sample_every and step % settings.sample_every == 0 and main:
+            progress.history["samples"] += run.grpo.rollout["examples"]  # a group of this step's, with its rewards
+            log.record_samples(run.grpo.rollout["examples"])
         if run.checkpoints and settings.checkpoint_every and step % settings.checkpoint_every == 0 \
                 and step < run.total_steps:
             save_checkpoint(run, step, progress.elapsed_before + time.perf_counter() - progress.started)
@@ -268,6 +288,8 @@ def parse_args(argv=None):
     parser.add_argument("--shards", type=Path, nargs="+", required=True, help="Arrow shards from tokenize_data.py")
     parser.add_argument("--reference", type=Path, nargs="*", default=[],
                         help="dpo, ipo, kto: the reference's log-probabilities of each shard (reference_logps.py)")
+    parser.add_argument("--records", type=Path, nargs="*", default=[],
+                        help="grpo: the validated records of the shards' datasets (prompts and their answers)")
     parser.add_argument("--output-dir", type=Path, required=True,
                         help="where the adapter (for method full: the model) and the tokenizer go")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics.jsonl, one line per logging step")

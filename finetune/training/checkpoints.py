@@ -66,6 +66,8 @@ def save_checkpoint(run, step, elapsed):
         save_file(trainable_state(run.unwrapped), partial / "trainable.safetensors")
         torch.save(run.optimizer.state_dict(), partial / "optimizer.pt")
     torch.save(rng_state(), partial / f"rng-{accelerator.process_index}.pt")
+    if run.grpo is not None and run.grpo.rollout is not None:  # the completions the next steps may train on again
+        torch.save(run.grpo.rollout, partial / f"rollout-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if main:
         allocator = getattr(run.unwrapped.base_model, "rankallocator", None)
@@ -112,5 +114,8 @@ def load_checkpoint(run, log):
         run.unwrapped.base_model.rankallocator.__dict__.update(state["rankallocator"])
     rng_file = last / f"rng-{run.accelerator.process_index}.pt"
     set_rng_state(torch.load(rng_file if rng_file.exists() else last / "rng-0.pt", weights_only=False))
+    rollout_file = last / f"rollout-{run.accelerator.process_index}.pt"
+    if run.grpo is not None and rollout_file.exists():
+        run.grpo.rollout = torch.load(rollout_file, weights_only=False)
     log(f"resuming from the checkpoint at step {progress['step']}")
     return progress["step"], progress["history"], progress["elapsed_s"]

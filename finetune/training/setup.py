@@ -46,7 +46,7 @@ def mix_weights(args, settings):
 def objective_data_problem(objective, kind):
     """Why a run with this objective cannot train on shards of this kind, or None."""
     wanted = {"sft": "sft", "kto": "unpaired"}.get(objective, "preference")
-    if kind == wanted:
+    if kind == wanted or objective == "grpo":  # grpo takes the prompts of any records
         return None
     formats = {"sft": "alpaca, chat or completion", "preference": "preference", "unpaired": "unpaired"}
     return (f"objective {objective} trains on records of format {formats[wanted]}, but the shards hold "
@@ -87,9 +87,36 @@ def setup_data(args, settings, num_processes):
         if size == 0:
             sys.exit(f"[{args.run_name}] {path} has no training records, but its dataset has weight {weight}")
     micro_batches_per_epoch = len(train_examples) // settings.batch_size // num_processes
-    steps_per_epoch = max(micro_batches_per_epoch // settings.grad_accum, 1)
+    steps_per_epoch = max(micro_batches_per_epoch // settings.grad_accum, 1) * steps_per_window(settings)
     total_steps = settings.max_steps or math.ceil(settings.epochs * steps_per_epoch)
     return train_examples, eval_examples, steps_per_epoch, total_steps
+
+
+def steps_per_window(settings):
+    """Optimizer steps on one accumulation window of examples: grpo's iterations, else 1."""
+    return settings.iterations if settings.objective == "grpo" else 1
+
+
+def micro_batches_before(settings, step):
+    """The micro-batches the steps before `step` drew (a resumed run skips them)."""
+    return -(-step // steps_per_window(settings)) * settings.grad_accum
+
+
+def setup_grpo(args, settings, train_examples, eval_examples):
+    """A grpo run's rewards (a broken one stops the run here, before the model loads) and its prompts."""
+    from finetune.data.prompts import resolve_template, stop_token_ids
+    from finetune.training import grpo, rewards
+    try:
+        loaded = rewards.load_rewards(settings.rewards)
+        tokenizer = load_tokenizer(args.base_model, settings.chat_template, settings.trust_remote_code)
+        template = resolve_template(tokenizer, settings.template)
+        prompts = grpo.read_prompts(args.records, train_examples.record_ids(), tokenizer, template)
+        eval_ids = eval_examples.record_ids()[:settings.reward_eval_prompts]
+        eval_prompts = grpo.read_prompts(args.records, eval_ids, tokenizer, template)
+    except (ValueError, SyntaxError, ImportError) as error:
+        sys.exit(f"[{args.run_name}] {error}")
+    return grpo.GrpoState(prompts=prompts, eval_prompts=eval_prompts, stop_ids=stop_token_ids(tokenizer, template),
+                          rewards=loaded)
 
 
 def setup_model(args, settings, precision, accelerator, total_steps, empty=False):
@@ -132,6 +159,7 @@ def setup(args, settings):
     check_architecture(args.base_model, settings, args.run_name)
     set_seed(settings.seed)
     train_examples, eval_examples, steps_per_epoch, total_steps = setup_data(args, settings, accelerator.num_processes)
+    grpo = setup_grpo(args, settings, train_examples, eval_examples) if settings.objective == "grpo" else None
     sharded = settings.distributed == "fsdp" and accelerator.num_processes > 1
     # A quantized base is quantized as it loads, on every process; otherwise only the first reads the weights.
     first_reads = sharded and quantization_of(settings) == "none"
@@ -156,7 +184,11 @@ def setup(args, settings):
         mix=describe_mix([Path(path).stem for path in args.shards], train_examples.sizes,
                          weights or train_examples.sizes),
         source_of=source_of_positions(train_examples.sizes), samples=prepared_samples(settings, tokenizer),
-        checkpoints=args.checkpoint_dir, progress=Progress(contributed=np.zeros(len(args.shards), dtype=np.int64)))
+        checkpoints=args.checkpoint_dir, progress=Progress(contributed=np.zeros(len(args.shards), dtype=np.int64)),
+        grpo=grpo)
+    if grpo and settings.beta and settings.method == "full":  # the KL term's reference: a frozen base model
+        grpo.reference = load_model(args.base_model, settings, precision, accelerator, tokenizer).eval()
+        grpo.reference.requires_grad_(False)
     run.say(f"{settings.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
              f"{len(train_examples)} train / {len(eval_examples)} eval records; {total_steps} steps "
              f"({steps_per_epoch} per epoch); {precision}, {model.config._attn_implementation} attention, "
@@ -172,7 +204,7 @@ def setup(args, settings):
     run.batches = micro_batch_indices(train_examples.lengths, settings.batch_size, settings.seed,
                                       accelerator.process_index, accelerator.num_processes,
                                       (train_examples.sizes, weights) if weights else None)
-    for _ in range(run.progress.start_step * settings.grad_accum):
+    for _ in range(micro_batches_before(settings, run.progress.start_step)):
         run.next_micro_batch()
     return run
 

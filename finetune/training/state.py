@@ -53,6 +53,7 @@ class Training:
     fingerprint: str | None = None  # of what this run learns (training/checkpoints.py)
     batches: Iterator | None = None  # (epoch, example positions) of each micro-batch
     progress: Progress = dataclasses.field(default_factory=Progress)
+    grpo: Any = None  # objective grpo: prompts, rewards and the last rollout (training/grpo.py: GrpoState)
 
     def say(self, message):
         self.accelerator.print(f"[{self.run_name}] {message}", flush=True)

@@ -1,0 +1,198 @@
+"""GRPO (finetune/training/grpo.py) against an independent oracle and in the training loop:
+
+- on one fixed batch of prompts, sampled completions, advantages and old (and reference) log-probabilities,
+  the loss equals TRL 1.16's GRPOTrainer loss for every loss type, with and without the KL term;
+- sampling with the prompt's KV cache shared by its group draws exactly the tokens plain sampling draws;
+- advantages are group-normalized, and a constant reward gives zero advantages and leaves the weights alone;
+- a run learns what its reward (a project function) asks for; a killed run resumes and matches an
+  uninterrupted one; keep: best follows the held-out reward.
+"""
+import json
+import re
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, settings_args
+from finetune.settings import resolved, typed
+from finetune.training.grpo import completion_logps, group_advantages, left_padded, policy_loss, sample_groups
+
+TRAIN = [sys.executable, str(REPO / "scripts" / "train.py")]
+TOLERANCE = 1e-5
+
+
+def grpo_settings(**values):
+    return typed("train", resolved("train", objective="grpo", **values))
+
+
+@pytest.fixture(scope="module")
+def rollout_batch(tiny_model, tiny_tokenizer):
+    """Three prompts of different lengths, four sampled completions each, as the rollout makes them."""
+    from finetune.models import load_base_model
+    model = load_base_model(tiny_model, dtype=torch.float32, tokenizer=tiny_tokenizer).eval()
+    prompts = [tiny_tokenizer(text).input_ids for text in
+               ("Which word comes after velvet? List: apple silver velvet honey", "Say hi.", "Count the words: a b c")]
+    settings = grpo_settings(num_generations=4, max_completion_length=10)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = sample_groups(
+        model, tiny_tokenizer, prompts, settings, [tiny_tokenizer.eos_token_id], seed=5)
+    return model, {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+                   "completion_mask": completion_mask,
+                   "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1)}, prompts
+
+
+def test_sharing_the_prompt_cache_samples_what_plain_sampling_samples(rollout_batch, tiny_tokenizer):
+    model, batch, prompts = rollout_batch
+    ids, mask = left_padded(prompts, tiny_tokenizer.pad_token_id, model.device)
+    torch.manual_seed(5)
+    plain = model.generate(input_ids=ids.repeat_interleave(4, 0), attention_mask=mask.repeat_interleave(4, 0),
+                           max_new_tokens=10, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                           pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=[tiny_tokenizer.eos_token_id],
+                           suppress_tokens=[tiny_tokenizer.pad_token_id])[:, ids.shape[1]:]
+    plain = plain.masked_fill(batch["completion_mask"] == 0, tiny_tokenizer.pad_token_id)
+    assert torch.equal(batch["completion_ids"], plain)
+    assert len(set(map(tuple, batch["completion_ids"][:4].tolist()))) > 1, "a group's completions differ"
+
+
+def nudged_copy(model):
+    """The policy: the model with its weights moved a little, so that it differs from the sampling policy."""
+    import copy
+    policy = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    return policy
+
+
+@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.0), ("dr_grpo", 0.0), ("dapo", 0.0), ("dapo", 0.05),
+                                            ("grpo", 0.05)])
+def test_the_loss_is_trls_grpo_trainer_loss(tmp_path, rollout_batch, tiny_tokenizer, loss_type, beta):
+    """Same batch, advantages, old and reference log-probabilities: the same loss as GRPOTrainer._compute_loss."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+    model, batch, _ = rollout_batch
+    policy = nudged_copy(model)
+    settings = grpo_settings(loss_type=loss_type, beta=beta, epsilon=0.1, epsilon_high=0.15,
+                             max_completion_length=10, sampling_temperature=0.9)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.2, 0.0, 0.0, 0.3, 1.0], dtype=torch.float64)
+    advantages, _ = group_advantages(rewards, 4, "group")
+    with torch.no_grad():
+        old = completion_logps(model, batch, 0.9)  # the sampling policy (iterations > 1)
+        reference = completion_logps(nudged_copy(policy), batch, 0.9)
+    mask = batch["completion_mask"].float()
+    logps = completion_logps(policy, batch, 0.9)
+    ours, _ = policy_loss(logps, old, reference, advantages.float(), mask, settings,
+                          (len(mask), int(mask.sum())))
+
+    config = GRPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=beta, epsilon=0.1, epsilon_high=0.15,
+                        max_completion_length=10, temperature=0.9, num_generations=4, per_device_train_batch_size=4,
+                        report_to=[], use_cpu=True, disable_dropout=True, logging_steps=1, bf16=False)
+    trainer = GRPOTrainer(model=policy, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+                          args=config, train_dataset=Dataset.from_list([{"prompt": "hi"}] * 4),
+                          processing_class=tiny_tokenizer)
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
+              "completion_ids": batch["completion_ids"], "completion_mask": batch["completion_mask"],
+              "advantages": advantages.float(), "old_per_token_logps": old, "ref_per_token_logps": reference,
+              "num_items_in_batch": mask.sum()}
+    trl_loss = trainer._compute_loss(trainer.model, inputs)
+    assert float(ours) == pytest.approx(float(trl_loss), abs=TOLERANCE)
+    assert abs(float(ours)) > 1e-3, "a loss that compares something"
+
+
+def test_advantages_are_normalized_within_each_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0], dtype=torch.float64)
+    advantages, flat = group_advantages(rewards, 4, "group")
+    assert advantages[:4].sum() == pytest.approx(0.0, abs=1e-9)
+    assert advantages[0] == pytest.approx(0.75 / (0.5 + 1e-4), rel=1e-6)  # (1 - 0.25) / std (Bessel: 0.5)
+    assert flat.tolist() == [False] * 4 + [True] * 4
+    assert advantages[4:].abs().max() == 0
+    unscaled, _ = group_advantages(rewards, 4, "none")
+    assert unscaled[:4].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+
+
+def grpo_args(tiny_model, shards, out, **settings):
+    records = [shard.with_suffix(".jsonl") for shard in shards]
+    settings = {"objective": "grpo", "precision": "fp32", "batch_size": 4, "num_generations": 4,
+                "max_completion_length": 12, "log_every": 1, "learning_rate": 2e-2, "lr_scheduler": "constant_with_warmup",
+                "reward_eval_prompts": 8, "target_modules": "all-linear", **settings}
+    return ["--base-model", str(tiny_model), "--shards", *map(str, shards), "--records", *map(str, records),
+            "--output-dir", str(out / "trained"), "--metrics", str(out / "metrics.jsonl"),
+            "--summary", str(out / "summary.json"), "--samples", str(out / "samples.jsonl"), "--run-name", out.name,
+            "--threads", "1", *settings_args(out.parent / "settings" / out.name, "train", **settings)]
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rewards")
+    (folder / "my_rewards.py").write_text(
+        "def e_share(completions, **kwargs):\n"
+        "    return [c.count('e') / max(len(c), 1) for c in completions]\n\n"
+        "def constant(completions, **kwargs):\n"
+        "    return [1.0] * len(completions)\n\n"
+        "def broken(completions, **kwargs):\n"
+        "    return [1.0 if 'e' in c else None for c in completions]\n")
+    return folder / "my_rewards.py"
+
+
+def test_a_constant_reward_leaves_the_weights_unchanged(tmp_path, tiny_model, shards, reward_file):
+    import train
+    out = tmp_path / "constant"
+    train.main(grpo_args(tiny_model, shards, out, max_steps=3, rewards=[f"{reward_file}:constant"], weight_decay=0.0))
+    metrics = rows(out)
+    assert all(r["loss"] == 0 and r["grad_norm"] == 0 for r in metrics), metrics
+    assert metrics[0]["zero_std_fraction"] == 1.0 and metrics[0]["reward"] == 1.0
+    adapter = load_file(out / "trained" / "adapter_model.safetensors")
+    assert all(not tensor.any() for name, tensor in adapter.items() if "lora_B" in name), "B stays zero: no change"
+
+
+def test_a_run_learns_what_a_project_reward_asks_for(tmp_path, tiny_model, shards, reward_file):
+    import train
+    out = tmp_path / "learns"
+    train.main(grpo_args(tiny_model, shards, out, max_steps=30, rewards=[f"{reward_file}:e_share"],
+                         sample_every=10, eval_every=15))
+    metrics = rows(out)
+    first, last = [sum(r["reward"] for r in part) / 10 for part in (metrics[:10], metrics[-10:])]
+    assert last > first + 0.015, (first, last)
+    assert {"reward_std", f"reward/{reward_file}:e_share", "zero_std_fraction", "completion_length",
+            "clip_ratio"} <= set(metrics[0])
+    assert "eval_reward" in metrics[14] and "eval_reward" in metrics[-1]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [10] * 4 + [20] * 4 + [30] * 4
+    assert all(s["kind"] == "rollout" and isinstance(s["reward"], float) for s in samples)
+
+
+def test_a_reward_returning_a_non_number_stops_the_run_naming_it(tmp_path, tiny_model, shards, reward_file):
+    out = tmp_path / "broken"
+    result = subprocess.run(TRAIN + grpo_args(tiny_model, shards, out, max_steps=2,
+                                              rewards=[f"{reward_file}:broken"]), capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"reward '{reward_file}:broken' returned None" in result.stderr
+    assert re.search(r"at step \d+ on completion \d+ '", result.stderr), result.stderr[-500:]
+    assert not (out / "trained").exists()
+
+
+def test_a_killed_grpo_run_resumes_and_matches_an_uninterrupted_one(tmp_path, tiny_model, shards):
+    """iterations 2 with checkpoints every 3 steps: the checkpoint at step 3 lies inside a rollout, which it keeps."""
+    from test_train_resume_and_scale import env, kill_after_checkpoint
+    steps = {"max_steps": 8, "checkpoint_every": 3, "iterations": 2, "rewards": [{"reward": "contains", "text": "e"}]}
+    straight = tmp_path / "straight"
+    subprocess.run(TRAIN + grpo_args(tiny_model, shards, straight, **steps), env=env(), check=True,
+                   capture_output=True)
+    resumed, checkpoints = tmp_path / "resumed", tmp_path / "checkpoints"
+    command = TRAIN + grpo_args(tiny_model, shards, resumed, **steps) + ["--checkpoint-dir", str(checkpoints)]
+    kill_after_checkpoint(command, checkpoints, min_step=3)
+    subprocess.run(command, env=env(), check=True, capture_output=True)
+    assert [r["loss"] for r in rows(resumed)] == pytest.approx([r["loss"] for r in rows(straight)], abs=1e-6)
+    assert [r["reward"] for r in rows(resumed) if "reward" in r] == \
+        pytest.approx([r["reward"] for r in rows(straight) if "reward" in r], abs=1e-9)
+    a, b = (load_file(out / "trained" / "adapter_model.safetensors") for out in (straight, resumed))
+    assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)
