@@ -42,10 +42,12 @@ use rule train as pretrain with:
     input:
         shards=rules.tokenize_corpus.output.shard,
         reference=[],
+        records=[],
+        rewards=[],
         model=rules.build_tiny_model.output,
         settings="results/pretrain/{model}/settings/train.json",
         script=script("train"),
-        code=code_of("train", leave_out=SAMPLING + PREFERENCE),
+        code=code_of("train", leave_out=SAMPLING + PREFERENCE + GRPO),
     output:
         trained=directory("results/base_models/{model}"),
         metrics="results/pretrain/{model}/metrics.jsonl",

@@ -26,9 +26,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_loss(metrics, path, title, summary=None):
     """Train and held-out loss over steps, with the step whose weights were kept (keep: best)
-    and the step where early stopping ended the run marked."""
+    and the step where early stopping ended the run marked; for grpo, the reward over steps beside it."""
     summary = summary or {}
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    rewarded = any("reward" in m for m in metrics)
+    fig, axes = plt.subplots(1, 2 if rewarded else 1, figsize=(12 if rewarded else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    if rewarded:
+        plot_reward(axes[0][1], metrics)
     ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train loss")
     evals = [m for m in metrics if "eval_loss" in m]
     if evals:
@@ -50,6 +54,23 @@ def plot_loss(metrics, path, title, summary=None):
     plt.close(fig)
 
 
+def plot_reward(ax, metrics):
+    """grpo: the mean reward of the sampled completions (with its std), and of the held-out greedy ones."""
+    rows = [m for m in metrics if "reward" in m]
+    steps, means = [m["step"] for m in rows], [m["reward"] for m in rows]
+    spread = [m.get("reward_std", 0.0) for m in rows]
+    ax.plot(steps, means, label="reward of sampled completions")
+    ax.fill_between(steps, [a - b for a, b in zip(means, spread)], [a + b for a, b in zip(means, spread)], alpha=0.2)
+    evals = [m for m in metrics if "eval_reward" in m]
+    if evals:
+        ax.plot([m["step"] for m in evals], [m["eval_reward"] for m in evals], "o-", label="held-out reward (greedy)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.set_title("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def marked(text, reference):
     """An answer marked right or wrong against its reference (unmarked without one)."""
     return Mark(text, "" if not reference.strip() else ("right" if is_exact_match(text, reference) else "wrong"))
@@ -63,8 +84,20 @@ def learned_table(generations):
     return table(["prompt", "reference", "base answer", "tuned answer"], rows) if rows else ""
 
 
+def rollouts_table(samples):
+    """grpo: a group of sampled completions at several steps, each with its reward (and each reward's score)."""
+    rollouts = [s for s in samples if s.get("kind") == "rollout"]
+    if not rollouts:
+        return ""
+    rows = [[s["step"], s["prompt"], s["reference"], marked(s["answer"], s["reference"]), s["reward"],
+             ", ".join(f"{name} {value:.3g}" for name, value in s["scores"].items())] for s in rollouts]
+    return ("<h2>Sampled completions and their rewards</h2>"
+            + table(["step", "prompt", "reference", "completion", "reward", "scores"], rows))
+
+
 def samples_table(samples):
     """Answers to the configured prompts over training: one row per sampled step."""
+    samples = [s for s in samples if s.get("kind") != "rollout"]
     if not samples:
         return "<p>No samples during training (set <code>sample_every</code> and <code>eval.prompts</code>).</p>"
     prompts = list(dict.fromkeys(s["prompt"] for s in samples))
@@ -95,6 +128,11 @@ def objective_line(settings, chain):
     objective = settings.get("objective", "sft")
     what = {"sft": "supervised fine-tuning"}.get(objective, f"preference tuning ({objective}, beta "
                                                              f"{settings.get('beta')})")
+    if objective == "grpo":
+        rewards = ", ".join(r if isinstance(r, str) else f"{r['reward']} x {r.get('weight', 1)}"
+                            for r in settings.get("rewards", []))
+        what = (f"reinforcement learning (grpo, rewards {rewards}; {settings.get('num_generations')} completions "
+                f"per prompt, loss {settings.get('loss_type')}, beta {settings.get('beta')})")
     start = f"trained after {chain}" if chain else f"from base model {settings.get('base_model')}"
     return f"Objective: {what}, method {settings.get('method')}, {start}."
 
@@ -129,8 +167,9 @@ def render_html(run_name, summary, evaluation, generations, samples, plot_png, m
         f"<h2>{'Exact match and preference accuracy' if len(task_headers) > 3 else 'Exact match'} per task</h2>",
         table(task_headers, [row[:len(task_headers)] for row in task_rows]) if task_rows else "",
         "<h2>Evaluation</h2>", table(["metric", "base", "tuned"], eval_rows),
-        "<h2>Loss curve</h2>", image("loss curve", plot_png),
-        "<h2>Answers over training</h2>", samples_table(samples),
+        f"<h2>Loss {'and reward ' if manifest['settings'].get('objective') == 'grpo' else ''}curve</h2>",
+        image("loss curve", plot_png),
+        "<h2>Answers over training</h2>", samples_table(samples), rollouts_table(samples),
         "<h2>Training</h2>", table(["setting", "value"], sorted(manifest["settings"].items())),
         table(["summary", "value"], sorted((k, v) for k, v in summary.items() if not isinstance(v, dict))),
         "<h2>Data</h2>", sources_table(summary.get("sources", {})),

@@ -196,3 +196,60 @@ def test_a_killed_grpo_run_resumes_and_matches_an_uninterrupted_one(tmp_path, ti
         pytest.approx([r["reward"] for r in rows(straight) if "reward" in r], abs=1e-9)
     a, b = (load_file(out / "trained" / "adapter_model.safetensors") for out in (straight, resumed))
     assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)
+
+
+# ---------------------------------------------------------------- in the workflow (dry runs)
+
+CUSTOM = ("runs:\n  custom:\n    objective: grpo\n    rewards: [exact_match, {reward: my_rewards.py:brevity, weight: 0.5,"
+          " limit: 8}]\n  plain:\n    objective: grpo\n")
+
+
+@pytest.fixture(scope="module")
+def grpo_workflow(tmp_path_factory):
+    from workflow import copy_workflow
+    workdir = copy_workflow(tmp_path_factory.mktemp("grpo_workflow") / "wf")
+    (workdir / "my_rewards.py").write_text("def brevity(completions, completion_tokens, limit, **kwargs):\n"
+                                           "    return [1.0 if n <= limit else 0.0 for n in completion_tokens]\n")
+    (workdir / "grpo.yaml").write_text(CUSTOM)
+    return workdir
+
+
+def test_a_reward_file_is_an_input_of_exactly_the_runs_that_use_it(grpo_workflow):
+    """Editing my_rewards.py reruns the run whose rewards name it, and no other: the file is an input of that
+    training job alone; the GRPO code and the records are inputs of GRPO runs only."""
+    from workflow import dry_run_jobs
+    jobs = {shell.split("--run-name ")[1].split()[0]: inputs for rule, inputs, shell in
+            dry_run_jobs(grpo_workflow, "--configfile", "grpo.yaml") if rule == "train"}
+    assert "my_rewards.py" in jobs["custom"]
+    assert all("my_rewards.py" not in inputs for run, inputs in jobs.items() if run != "custom")
+    for run, inputs in jobs.items():
+        grpo = run in ("custom", "plain")
+        assert ("finetune/training/grpo.py" in inputs) == grpo, run
+        assert ("results/data/word_tasks.jsonl" in inputs) == grpo, run
+        assert "finetune/training/objectives.py" not in inputs, run
+
+
+@pytest.mark.parametrize("rewards, message", [
+    ("[exact_mach]", "reward 'exact_mach': not a built-in"),
+    ("[missing.py:score]", "reward 'missing.py:score': no file missing.py in the project"),
+    ("[{reward: regex}]", "reward 'regex' needs option 'pattern'"),
+    ("[{reward: regex, pattern: '(unclosed'}]", "is not a regular expression"),
+])
+def test_a_broken_reward_stops_the_workflow_before_any_job(grpo_workflow, rewards, message):
+    from workflow import snakemake
+    (grpo_workflow / "broken.yaml").write_text(f"runs:\n  rl:\n    objective: grpo\n    rewards: {rewards}\n")
+    result = snakemake(grpo_workflow, "-n", "--configfile", "broken.yaml", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "run 'rl'" in output and message in output, output[-2000:]
+    assert not (grpo_workflow / "results").exists()
+
+
+def test_beta_defaults_to_zero_for_grpo_and_stays_for_dpo():
+    from finetune.config import check_before_defaults
+    config = {"runs": {"rl": {"objective": "grpo"}, "pref": {"objective": "dpo"}, "set": {"objective": "grpo",
+                                                                                          "beta": 0.04}}}
+    check_before_defaults(config)
+    assert config["runs"]["rl"]["beta"] == 0.0 and config["runs"]["set"]["beta"] == 0.04
+    assert config["runs"]["pref"]["beta"] == 0.1
+    assert grpo_settings().beta == 0.0 and typed("train", resolved("train", objective="dpo")).beta == 0.1
