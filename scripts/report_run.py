@@ -39,13 +39,14 @@ def plot_loss(metrics, path, title, summary=None):
         ax.plot([m["step"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval loss")
     if summary.get("best_step") is not None:
         kept = " (kept)" if summary.get("kept") == "best" else ""
+        best = "highest held-out reward" if rewarded else "lowest eval loss"
         ax.axvline(summary["best_step"], color="tab:green", linestyle="--",
-                   label=f"lowest eval loss{kept}: step {summary['best_step']}")
+                   label=f"{best}{kept}: step {summary['best_step']}")
     if summary.get("stop_reason", "max_steps") != "max_steps":
         ax.axvline(summary["stopped_at_step"], color="tab:red", linestyle=":",
                    label=f"early stop: step {summary['stopped_at_step']}")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per trained token")
+    ax.set_ylabel("policy loss" if rewarded else "loss per trained token")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

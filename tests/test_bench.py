@@ -1,6 +1,8 @@
 """The GPU benchmark mode runs end to end at a tiny size on CPU (so it is ready when a GPU is
-lent), and its report counts MFU as 6 * parameters * tokens/s over the GPU's bf16 peak."""
+lent), and its report counts MFU as 6 * parameters * tokens/s over the GPU's bf16 peak; the GRPO
+benchmark's smoke test times both sides and reports their ratio."""
 import importlib.util
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -43,3 +45,13 @@ def test_mfu_is_six_n_tokens_over_the_bf16_peak(capsys):
     printed = capsys.readouterr().out
     assert "| this workflow | 50,000 | 2.00x | 30.0% |" in printed  # 6 * 1e9 * 5e4 / 1e15
     assert "this workflow / best baseline: 1.25x" in printed
+
+
+def test_grpo_bench_quick_times_ours_and_trls_step_and_their_ratio(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "grpo_bench.py"), "--quick", "--workdir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| GRPO step (median) | this workflow | TRL GRPOTrainer | TRL / ours |" in result.stdout
+    for part in ("generation: sampling and scoring", "optimization: forward, backward, optimizer step", "step"):
+        assert re.search(rf"\| {part} \| [0-9.]+ s \| [0-9.]+ s \| [0-9.]+x \| [0-9.]+ s \|", result.stdout), part
+    assert re.search(r"TRL's prompt tokens are ours for (\d+)/\1 prompts", result.stdout), "TRL tokenizes as we do"
