@@ -352,6 +352,10 @@ def quality(args):
         train_settings = dataclasses.replace(train_settings, max_steps=2)
         eval_settings = dataclasses.replace(eval_settings, num_samples=16)
     base, shards, records = project_inputs(args.project)
+    if train_settings.rewards != ["exact_match"] or train_settings.dynamic_sampling or train_settings.method != "lora":
+        print(f"note: TRL trains LoRA with the reward exact_match alone, no dynamic sampling; the grpo run: method "
+              f"{train_settings.method}, rewards {train_settings.rewards}, dynamic_sampling "
+              f"{train_settings.dynamic_sampling}", file=sys.stderr)
     by_id = {r["id"]: r for path in records for r in read_jsonl(path)}
     trainer = trl_trainer(train_settings, base, [by_id[i] for i in read_shards(shards, "train").record_ids()],
                           work / "trl-out", "cuda" if torch.cuda.is_available() else "cpu", shuffle=True)

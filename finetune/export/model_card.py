@@ -13,12 +13,18 @@ from finetune.settings import declared
 def training_settings(settings):
     """The run's settings that shape what was learned: those tokenization and training receive."""
     received = {**declared("tokenize_data"), **declared("train")}
-    if settings.get("objective", "sft") == "sft":  # the preference objectives' settings change nothing then
-        received = {name: spec for name, spec in received.items() if name not in PREFERENCE_SETTINGS}
+    objective = settings.get("objective", "sft")
+    # The settings of other objectives change nothing (grpo's beta is its KL weight).
+    ignored = (() if objective not in ("sft", "grpo") else PREFERENCE_SETTINGS[objective == "grpo":]) \
+        + (() if objective == "grpo" else GRPO_SETTINGS)
+    received = {name: spec for name, spec in received.items() if name not in ignored}
     return [(name, settings[name]) for name, (section, _) in received.items() if section == "run" and name in settings]
 
 
 PREFERENCE_SETTINGS = ("beta", "simpo_gamma", "orpo_lambda", "desirable_weight", "undesirable_weight", "sft_weight")
+GRPO_SETTINGS = ("rewards", "num_generations", "max_completion_length", "sampling_temperature", "sampling_top_p",
+                 "iterations", "epsilon", "epsilon_high", "loss_type", "scale_rewards", "dynamic_sampling",
+                 "reward_eval_prompts")
 
 
 # What the folder holds, by kind: the adapter; the adapter merged into its base; a fully fine-tuned model.
