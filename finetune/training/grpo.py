@@ -27,6 +27,7 @@ would have; a checkpoint between generations keeps the rollout (training/checkpo
 import dataclasses
 
 import torch
+from transformers import GenerationConfig
 
 from finetune.data.pairs import side_record
 from finetune.evaluation.generation import encode_prompt, generate, model_stop_ids, reference_answer
@@ -93,12 +94,15 @@ def sample_groups(model, tokenizer, prompts, settings, stop_ids, seed, synced_pr
             name = "cache" if "cache" in output.keys() else "past_key_values"  # renamed in transformers 5.x
             output[name].batch_repeat_interleave(group)
             options[name] = output[name]
-        generated = model.generate(
-            input_ids=prompt_ids.repeat_interleave(group, 0), attention_mask=prompt_mask.repeat_interleave(group, 0),
+        # A configuration of its own: the model's (a repetition penalty, top_k) would sample from another
+        # distribution than the one the loss scores.
+        sampling = GenerationConfig(
             max_new_tokens=settings.max_completion_length, do_sample=True, temperature=settings.sampling_temperature,
             top_p=settings.sampling_top_p, top_k=0, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
-            suppress_tokens=[tokenizer.pad_token_id] if tokenizer.pad_token_id not in stops else None,
-            synced_gpus=synced_processes, **options)
+            suppress_tokens=[tokenizer.pad_token_id] if tokenizer.pad_token_id not in stops else None)
+        generated = model.generate(
+            input_ids=prompt_ids.repeat_interleave(group, 0), attention_mask=prompt_mask.repeat_interleave(group, 0),
+            generation_config=sampling, synced_gpus=synced_processes, **options)
     completion_ids = generated[:, prompt_ids.shape[1]:]
     is_stop = torch.isin(completion_ids, torch.tensor(stops, device=completion_ids.device))
     first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1), completion_ids.shape[1])
@@ -111,7 +115,8 @@ def completion_logps(model, batch, temperature):
     """The log-probability of each completion token at the sampling temperature, (rows, completion tokens)."""
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     width = batch["completion_ids"].shape[1]
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False,
+    positions = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)  # as sampling placed the left-padded rows
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], position_ids=positions, use_cache=False,
                    logits_to_keep=width + 1).logits[:, :-1].float() / temperature
     return logits.gather(2, batch["completion_ids"].unsqueeze(2)).squeeze(2) - logits.logsumexp(dim=2)
 
@@ -145,13 +150,13 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, settings, totals)
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
         per_token = per_token + beta * kl * ratio  # weighted by the ratio: the unbiased reverse-KL gradient
     tokens = mask.sum(1).clamp(min=1)
-    completions, all_tokens = totals
+    completions, all_tokens = max(totals[0], 1), max(totals[1], 1)  # dynamic sampling may leave none
     if settings.loss_type == "grpo":
         loss = ((per_token * mask).sum(1) / tokens).sum() / completions
     elif settings.loss_type == "dr_grpo":
         loss = (per_token * mask).sum() / (completions * settings.max_completion_length)
     else:  # dapo
-        loss = (per_token * mask).sum() / max(all_tokens, 1)
+        loss = (per_token * mask).sum() / all_tokens
     low = (ratio < 1 - settings.epsilon) & (advantages < 0)
     high = (ratio > 1 + (settings.epsilon_high or settings.epsilon)) & (advantages > 0)
     stats = {"clip_ratio": float((((low | high) * mask).sum(1) / tokens).sum())}
@@ -175,7 +180,7 @@ class GrpoState:
 
 def reward_batch(tokenizer, prompts, completion_ids, completion_mask, group):
     """What reward functions are given about each completion of the groups of `prompts`."""
-    texts = [text.strip() for text in tokenizer.batch_decode(completion_ids * completion_mask, skip_special_tokens=True)]
+    texts = [text.strip() for text in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]  # pad-filled
     each = [p for p in prompts for _ in range(group)]
     return {"completions": texts, "references": [p.reference for p in each],
             "prompts": [tokenizer.decode(p.ids) for p in each], "tasks": [p.task for p in each],
