@@ -6,7 +6,7 @@ backward, optimizer step); or (--quality) train GRPOTrainer as a finished projec
     python bench/grpo_bench.py --wait-idle --model PROJECT/results/runs/sft-short/merged_weights  # CPU fp32
     python bench/grpo_bench.py --wait-idle                    # a random tiny Llama instead (rewards all 0)
     python bench/grpo_bench.py --quick                 # tiny model, 16 prompts, 3 steps, 1 round, 1 thread: smoke test
-    python bench/grpo_bench.py --quality --project PROJECT --output grpo_quality.json
+    python bench/grpo_bench.py --quality --project PROJECT --seeds 3 --output grpo_quality.json
     python bench/grpo_bench.py --quality --quick --project PROJECT  # 2 steps, 16 held-out records: a smoke test
 
 Speed, both sides: the same model; the same prompts (data/word_tasks.jsonl and number_tasks.jsonl validated;
@@ -357,32 +357,64 @@ def quality(args):
               f"{train_settings.method}, rewards {train_settings.rewards}, dynamic_sampling "
               f"{train_settings.dynamic_sampling}", file=sys.stderr)
     by_id = {r["id"]: r for path in records for r in read_jsonl(path)}
-    trainer = trl_trainer(train_settings, base, [by_id[i] for i in read_shards(shards, "train").record_ids()],
-                          work / "trl-out", "cuda" if torch.cuda.is_available() else "cpu", shuffle=True)
+    trl_rows, ours_rows = [], []
+    for seed in range(args.seeds):
+        settings = dataclasses.replace(train_settings, seed=train_settings.seed + seed)
+        trainer = trl_trainer(settings, base, [by_id[i] for i in read_shards(shards, "train").record_ids()],
+                              work / f"trl-out-{seed}", "cuda" if torch.cuda.is_available() else "cpu", shuffle=True)
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+        trainer.save_model(str(work / f"trl-trained-{seed}"))
+        trl_rows.append({**heldout_exact_match(base, work / f"trl-trained-{seed}", eval_settings, shards, records),
+                         "train_wall_s": wall})
+        if seed:  # seed 0 is the project's own grpo run
+            ours_rows.append(ours_with_seed(settings, base, shards, records, work / f"ours-{seed}", eval_settings))
+    quality_report(args, runs, trl_rows, ours_rows, train_settings, trainer.same_tokens)
+
+
+def ours_with_seed(settings, base, shards, records, out, eval_settings):
+    """The project's grpo run trained again (scripts/train.py) with another seed; its held-out exact match."""
+    from finetune.settings import write_settings
+    values = {name: value for name, value in dataclasses.asdict(settings).items()}
+    write_settings(out / "train.json", "train", **values)
     start = time.perf_counter()
-    trainer.train()
+    subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--settings", str(out / "train.json"),
+                    "--base-model", str(base), "--shards", *map(str, shards), "--records", *map(str, records),
+                    "--output-dir", str(out / "trained"), "--metrics", str(out / "metrics.jsonl"),
+                    "--summary", str(out / "summary.json"), "--run-name", out.name], check=True,
+                   capture_output=True)
     wall = time.perf_counter() - start
-    trainer.save_model(str(work / "trl-trained"))
-    scores = heldout_exact_match(base, work / "trl-trained", eval_settings, shards, records)
-    quality_report(args, runs, {**scores, "train_wall_s": wall}, train_settings, trainer.same_tokens)
+    return {**heldout_exact_match(base, out / "trained", eval_settings, shards, records), "train_wall_s": wall}
 
 
-def quality_report(args, runs, trl_row, settings, same_tokens):
+def mean_row(rows):
+    """The mean over seeds of exact match (overall and per task) and wall time; the seeds' range overall."""
+    tasks = rows[0]["by_task"]
+    return {"exact_match": statistics.mean(r["exact_match"] for r in rows), "records": rows[0]["records"],
+            "by_task": {t: statistics.mean(r["by_task"][t] for r in rows) for t in tasks},
+            "train_wall_s": statistics.mean(r["train_wall_s"] for r in rows),
+            "range": (min(r["exact_match"] for r in rows), max(r["exact_match"] for r in rows)), "seeds": len(rows)}
+
+
+def quality_report(args, runs, trl_rows, ours_rows, settings, same_tokens):
     def recorded(run):
         result = json.loads((runs / run / "eval.json").read_text())
         return {"exact_match": result["tuned"]["exact_match"], "by_task": result["tuned"]["exact_match_by_task"],
                 "records": result["generated_for"],
                 "train_wall_s": json.loads((runs / run / "train_summary.json").read_text())["wall_time_s"]}
-    table = {"sft-short": recorded("sft-short"), "grpo, this workflow": recorded("grpo"), "grpo, TRL": trl_row}
+    table = {"sft-short": recorded("sft-short"), "grpo, this workflow": mean_row([recorded("grpo")] + ours_rows),
+             "grpo, TRL": mean_row(trl_rows)}
     tasks = sorted({task for row in table.values() for task in row["by_task"]})
     print(f"\nHeld-out exact match (greedy) in {args.project}; TRL GRPOTrainer trained {settings.max_steps} steps of "
           f"{settings.batch_size} prompts x {settings.num_generations} completions, lr {settings.learning_rate} "
           f"{settings.lr_scheduler}, loss {settings.loss_type}, beta {settings.beta}; its prompt tokens are ours for "
-          f"{same_tokens} training prompts{'; --quick: not comparable' if args.quick else ''}")
+          f"{same_tokens} training prompts; mean over {args.seeds} seed(s), their range in brackets{'; --quick: not comparable' if args.quick else ''}")
     print("| run | held-out records | exact match | " + " | ".join(tasks) + " | training wall time |\n"
           + "|---" * (len(tasks) + 4) + "|")
     for run, row in table.items():
-        print(f"| {run} | {row['records']} | {row['exact_match']:.3f} | " + " | ".join(
+        spread = f" ({row['range'][0]:.3f}-{row['range'][1]:.3f})" if row.get("seeds", 1) > 1 else ""
+        print(f"| {run} | {row['records']} | {row['exact_match']:.3f}{spread} | " + " | ".join(
             f"{row['by_task'][t]:.3f}" if t in row["by_task"] else "-" for t in tasks)
             + f" | {row['train_wall_s']:.0f} s |")
     if args.output:
@@ -410,6 +442,8 @@ def main():
     parser.add_argument("--quality", action="store_true", help="held-out exact match against TRL's (needs --project)")
     parser.add_argument("--project", type=Path, help="--quality: a project that ran config/grpo.yaml")
     parser.add_argument("--output", type=Path, help="--quality: the table as JSON")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="--quality: seeds per side (the project's seed and the next ones); means are reported")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--worker", choices=SIDES, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -21,8 +21,9 @@ Log-probabilities are taken at the sampling temperature, as TRL's GRPOTrainer do
 tests/test_grpo.py checks the loss against it). dynamic_sampling leaves out the groups whose
 rewards are all equal (DAPO), which have no advantage to learn from.
 
-Sampling is seeded by (seed, step, process): a run resumed from a checkpoint samples what it
-would have; a checkpoint between generations keeps the rollout (training/checkpoints.py).
+Sampling draws from torch's random state, seeded by (seed, process) when the run starts and kept
+by every checkpoint: a run resumed from a checkpoint samples what it would have; a checkpoint
+between generations keeps the rollout too (training/checkpoints.py).
 """
 import dataclasses
 
@@ -77,15 +78,18 @@ def left_padded(prompts, pad_token_id, device):
 
 
 @torch.no_grad()
-def sample_groups(model, tokenizer, prompts, settings, stop_ids, seed, synced_processes=False):
+def sample_groups(model, tokenizer, prompts, settings, stop_ids, seed=None, synced_processes=False):
     """num_generations sampled completions of each prompt ids list, as (prompt ids, prompt mask, completion ids,
     completion mask) with one row per completion, the group's rows together. The prompts' KV cache is computed
-    once and repeated for their groups; the completion mask covers the tokens up to the first stop, included."""
+    once and repeated for their groups; the completion mask covers the tokens up to the first stop, included.
+    Sampling draws from torch's random state (whose state a checkpoint keeps), or from `seed` leaving it alone."""
     group = settings.num_generations
     prompt_ids, prompt_mask = left_padded(prompts, tokenizer.pad_token_id, model.device)
     stops = model_stop_ids(model, stop_ids)
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    seeded = seed is not None
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else [], enabled=seeded):
+        if seeded:
+            torch.manual_seed(seed)
         options = {}
         if prompt_ids.shape[1] > 1:  # the prompt but its last token, once per prompt; generate goes on from there
             positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
@@ -187,14 +191,13 @@ def reward_batch(tokenizer, prompts, completion_ids, completion_mask, group):
             "completion_tokens": completion_mask.sum(1).tolist()}
 
 
-def sample_micro_batch(run, step, number, indices):
+def sample_micro_batch(run, step, indices):
     """One micro-batch's groups, scored: the tensors the loss needs, the rewards of each completion and
     the reward functions' inputs."""
     settings, state, model = run.settings, run.grpo, run.unwrapped
     prompts = [state.prompts[i] for i in indices]
-    seed = (settings.seed * 1_000_003 + step * 1_009 + number) * 64 + run.accelerator.process_index
     prompt_ids, prompt_mask, completion_ids, completion_mask = sample_groups(
-        model, run.tokenizer, [p.ids for p in prompts], settings, state.stop_ids, seed, run.sharded)
+        model, run.tokenizer, [p.ids for p in prompts], settings, state.stop_ids, synced_processes=run.sharded)
     inputs = reward_batch(run.tokenizer, prompts, completion_ids, completion_mask, settings.num_generations)
     scores = reward_functions.score(state.rewards, inputs, step)
     batch = {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "completion_mask": completion_mask,
@@ -223,7 +226,7 @@ def rollout(run, step):
     settings, group = run.settings, run.settings.num_generations
     window = [run.next_micro_batch() for _ in range(settings.grad_accum)]
     run.unwrapped.eval()
-    sampled = [sample_micro_batch(run, step, number, indices) for number, (_, indices) in enumerate(window)]
+    sampled = [sample_micro_batch(run, step, indices) for _, indices in window]
     rewards = torch.cat([r for _, r, _, _ in sampled])
     batch_std = run.accelerator.gather(rewards.to(run.device)).std().item() if settings.scale_rewards == "batch" else 0
     stats = {"completions": len(rewards), "reward": float(rewards.sum()), "reward_sq": float((rewards ** 2).sum())}

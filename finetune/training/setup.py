@@ -197,11 +197,16 @@ def setup(args, settings):
     if weights:
         run.say("mix per epoch: " + ", ".join(f"{name} {spec['per_epoch']} of {spec['train_records']}"
                                                for name, spec in run.mix.items()))
+    if grpo:  # the random state completions are sampled from: each process its own (a checkpoint restores it)
+        torch.manual_seed(settings.seed * 1_000_003 + accelerator.process_index)
     resume(run, args)
     if not sharded:
         run.model, run.optimizer = accelerator.prepare(model, optimizer)
         run.unwrapped = accelerator.unwrap_model(run.model)
-    run.batches = micro_batch_indices(train_examples.lengths, settings.batch_size, settings.seed,
+    # grpo draws its prompts in random order: batches of similar length would hold one task each, and a step's
+    # groups learn more spread over tasks (sampling pads each batch of prompts to its longest anyway).
+    lengths = np.zeros_like(train_examples.lengths) if settings.objective == "grpo" else train_examples.lengths
+    run.batches = micro_batch_indices(lengths, settings.batch_size, settings.seed,
                                       accelerator.process_index, accelerator.num_processes,
                                       (train_examples.sizes, weights) if weights else None)
     for _ in range(micro_batches_before(settings, run.progress.start_step)):
