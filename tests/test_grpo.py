@@ -11,7 +11,6 @@ import json
 import re
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -253,3 +252,19 @@ def test_beta_defaults_to_zero_for_grpo_and_stays_for_dpo():
     assert config["runs"]["rl"]["beta"] == 0.0 and config["runs"]["set"]["beta"] == 0.04
     assert config["runs"]["pref"]["beta"] == 0.1
     assert grpo_settings().beta == 0.0 and typed("train", resolved("train", objective="dpo")).beta == 0.1
+
+
+@pytest.mark.parametrize("distributed", ["fsdp"])  # DDP shares its code path, less the synced generation
+def test_grpo_trains_on_two_processes(tmp_path, tiny_model, shards, distributed):
+    """Each process samples the groups of its own prompts (under FSDP every process takes part in each generation
+    step); the step's statistics and the held-out reward are over both; one adapter is written."""
+    from test_distributed import launch
+    out = tmp_path / distributed
+    result = launch(2, *grpo_args(tiny_model, shards, out, max_steps=3, eval_every=3, batch_size=2,
+                                  distributed=distributed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout + result.stderr
+    last = rows(out)[-1]
+    assert {"reward", "eval_reward", "completion_length"} <= set(last)
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
+    assert (out / "trained" / "adapter_model.safetensors").exists()
