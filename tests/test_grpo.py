@@ -268,3 +268,62 @@ def test_grpo_trains_on_two_processes(tmp_path, tiny_model, shards, distributed)
     assert {"reward", "eval_reward", "completion_length"} <= set(last)
     assert json.loads((out / "summary.json").read_text())["processes"] == 2
     assert (out / "trained" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- prompts and rewards
+
+
+def test_prompts_come_from_every_format_with_the_answer_evaluation_compares_with(tmp_path, tiny_tokenizer):
+    """alpaca, chat, preference and unpaired records give the prompt evaluation generates for, and its answer."""
+    from finetune.evaluation.generation import encode_prompt
+    from finetune.training.grpo import read_prompts
+    records = [
+        {"id": "a", "format": "alpaca", "instruction": "Say hi.", "input": "", "output": "Hi.", "task": "greet"},
+        {"id": "c", "format": "chat", "messages": [{"role": "user", "content": "Say hi."},
+                                                   {"role": "assistant", "content": "Hi."}]},
+        {"id": "p", "format": "preference", "instruction": "Say hi.", "input": "", "chosen": "Hi.",
+         "rejected": "Bye.", "task": "greet"},
+        {"id": "u", "format": "unpaired", "messages": [{"role": "user", "content": "Say hi."}], "completion": "Bye.",
+         "label": False},
+    ]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    prompts = read_prompts([path], ["p", "a", "u", "c"], tiny_tokenizer, "chat")
+    alpaca_ids = encode_prompt(records[0], tiny_tokenizer, "chat")[0]
+    chat_ids = encode_prompt(records[1], tiny_tokenizer, "chat")[0]
+    assert [p.ids for p in prompts] == [alpaca_ids, alpaca_ids, chat_ids, chat_ids]
+    assert [p.reference for p in prompts] == ["Hi.", "Hi.", "", "Hi."], "an undesirable completion is no answer"
+    assert [p.task for p in prompts] == ["greet", "greet", None, None]
+    with pytest.raises(ValueError, match="1 records of the shards are not in"):
+        read_prompts([path], ["a", "missing"], tiny_tokenizer, "chat")
+
+
+def test_the_built_in_rewards():
+    from finetune.training import rewards
+    completions = ["<think>count</think> There are four words.", "There are four words", "four", ""]
+    references = ["There are four words."] * 4
+    batch = {"completions": completions, "references": references, "prompts": [""] * 4, "tasks": [None] * 4,
+             "completion_tokens": [12, 5, 1, 0]}
+    assert rewards.exact_match(**batch) == [1.0, 0.0, 0.0, 0.0]
+    assert rewards.regex(**batch, pattern=r"^There are \w+ words\.?$") == [1.0, 1.0, 0.0, 0.0]
+    assert rewards.contains(**batch) == [1.0, 0.0, 0.0, 0.0]
+    assert rewards.contains(**batch, text="four") == [1.0, 1.0, 1.0, 0.0]
+    assert rewards.length(**batch, limit=4) == [-2.0, -0.25, 0.0, 0.0]
+    assert rewards.think_format(**batch) == [1.0, 0.0, 0.0, 0.0]
+    loaded = rewards.load_rewards(["exact_match", {"reward": "contains", "text": "four", "weight": 0.5}])
+    scores = rewards.score(loaded, batch, step=1)
+    assert rewards.combined(loaded, scores) == [1.5, 0.5, 0.5, 0.0]
+    twice = rewards.load_rewards([{"reward": "regex", "pattern": "four"}, {"reward": "regex", "pattern": "^$"}])
+    assert rewards.score(twice, batch, step=1) == {"regex": [1.0, 1.0, 1.0, 0.0], "regex#2": [0.0, 0.0, 0.0, 1.0]}
+
+
+def test_a_reward_that_raises_is_named_with_the_completion_it_fails_on():
+    from finetune.training import rewards
+    def picky(completions, **kwargs):
+        return [1.0 / len(c) for c in completions]  # ZeroDivisionError on the empty one
+    batch = {"completions": ["ab", "", "c"], "references": [""] * 3, "prompts": [""] * 3, "tasks": [None] * 3,
+             "completion_tokens": [1, 0, 1]}
+    with pytest.raises(SystemExit, match=r"reward 'picky' raised ZeroDivisionError: .* at step 7 on completion 1 ''"):
+        rewards.score([("picky", 1.0, picky, {})], batch, step=7)
+    with pytest.raises(SystemExit, match=r"returned str 'oops', not a list of 3 numbers at step 7"):
+        rewards.score([("picky", 1.0, lambda **kw: "oops", {})], batch, step=7)

@@ -124,11 +124,13 @@ def load_rewards(rewards):
     problems = reward_problems(rewards)
     if problems:
         raise ValueError("; ".join(problems))
-    loaded = []
+    loaded, seen = [], {}
     for item in rewards:
         name, weight, options = reward_spec(item)
         function = load_function(name) if is_project_function(name) else BUILT_IN[name]
-        loaded.append((name, weight, function, options))
+        seen[name] = seen.get(name, 0) + 1
+        label = name if seen[name] == 1 else f"{name}#{seen[name]}"  # two regex rewards log apart
+        loaded.append((label, weight, function, options))
     return loaded
 
 
