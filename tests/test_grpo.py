@@ -327,3 +327,16 @@ def test_a_reward_that_raises_is_named_with_the_completion_it_fails_on():
         rewards.score([("picky", 1.0, picky, {})], batch, step=7)
     with pytest.raises(SystemExit, match=r"returned str 'oops', not a list of 3 numbers at step 7"):
         rewards.score([("picky", 1.0, lambda **kw: "oops", {})], batch, step=7)
+
+
+def test_keep_best_and_early_stopping_follow_the_held_out_reward(tmp_path, tiny_model, shards, reward_file):
+    """The held-out reward is what selection compares (higher is better): the kept step is the best one's."""
+    import train
+    out = tmp_path / "best"
+    train.main(grpo_args(tiny_model, shards, out, max_steps=6, eval_every=2, keep="best",
+                         early_stopping={"patience": 5}, rewards=[f"{reward_file}:e_share"]))
+    evaluations = {r["step"]: r["eval_reward"] for r in rows(out) if "eval_reward" in r}
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(evaluations) == [2, 4, 6]
+    assert summary["best_step"] == max(evaluations, key=lambda step: (evaluations[step], -step))
+    assert summary["kept"] == "best"

@@ -292,3 +292,28 @@ def test_preference_objectives_start_at_the_reference_on_every_template(tmp_path
     first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(0.6931472 if objective == "dpo" else 0.5, abs=1e-4)
     assert (tmp_path / "trained" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
+def test_grpo_samples_and_trains_on_every_template(tmp_path, family_models, family):
+    """GRPO on each family's own template (Llama 3's headers and <|eot_id|>, Gemma's turns, GPT-2 without a
+    template, whose pad is its EOS and whose positions are absolute): completions stop at the template's end of
+    turn, the rewards see their text without padding or special tokens, and a step trains."""
+    model = family_models[family]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PAIRS))
+    validate_file(tmp_path / "raw.jsonl", tmp_path / "data.jsonl", tmp_path / "rejected.jsonl")
+    tokenize_file(tmp_path / "data.jsonl", load_tokenizer(model), "auto", 64, tmp_path / "data.arrow", split="train")
+    train.main(["--base-model", str(model), "--shards", str(tmp_path / "data.arrow"), "--records",
+                str(tmp_path / "data.jsonl"), "--output-dir", str(tmp_path / "trained"), "--metrics",
+                str(tmp_path / "metrics.jsonl"), "--summary", str(tmp_path / "summary.json"), "--samples",
+                str(tmp_path / "samples.jsonl"),
+                *settings_args(tmp_path, "train", objective="grpo", r=4, learning_rate=1e-2, target_modules="all-linear",
+                               batch_size=2, num_generations=4, max_completion_length=8, max_steps=2, log_every=1,
+                               sample_every=1, checkpoint_every=0, precision="fp32",
+                               rewards=[{"reward": "regex", "pattern": "^[a-zé]"}])])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 <= r["reward"] <= 1 and r["completion_length"] <= 8 for r in rows)
+    special = set(load_tokenizer(model).all_special_tokens)
+    answers = [json.loads(line)["answer"] for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(answers) == 8 and not [a for a in answers if any(token in a for token in special)], answers
+    assert (tmp_path / "trained" / "adapter_config.json").exists()
