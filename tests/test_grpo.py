@@ -340,3 +340,32 @@ def test_keep_best_and_early_stopping_follow_the_held_out_reward(tmp_path, tiny_
     assert sorted(evaluations) == [2, 4, 6]
     assert summary["best_step"] == max(evaluations, key=lambda step: (evaluations[step], -step))
     assert summary["kept"] == "best"
+
+
+def test_a_sweep_over_grpo_settings_plans_one_grpo_run_per_value(grpo_workflow):
+    from workflow import dry_run_jobs
+    (grpo_workflow / "sweep.yaml").write_text(
+        "sweeps:\n  rl:\n    base: {objective: grpo, rewards: [exact_match], max_steps: 5}\n"
+        "    grid: {num_generations: [4, 8], loss_type: [dapo, dr_grpo]}\n")
+    jobs = {shell.split("--run-name ")[1].split()[0]: inputs for rule, inputs, shell in
+            dry_run_jobs(grpo_workflow, "--configfile", "sweep.yaml") if rule == "train"}
+    swept = sorted(run for run in jobs if run.startswith("rl-"))
+    assert swept == ["rl-num_generations4-loss_typedapo", "rl-num_generations4-loss_typedr_grpo",
+                     "rl-num_generations8-loss_typedapo", "rl-num_generations8-loss_typedr_grpo"]
+    assert all("finetune/training/grpo.py" in jobs[run] for run in swept)
+
+
+@pytest.mark.parametrize("method, settings", [("qlora", {}), ("dora", {"beta": 0.04}), ("full", {"beta": 0.04})])
+def test_every_method_trains_with_grpo_and_the_kl_term(tmp_path, tiny_model, shards, method, settings):
+    """qlora samples from its 4-bit base, dora and full with the KL term to the base (full: a frozen copy; the
+    adapters: the adapter switched off); the KL starts at 0 and the run writes what its method writes."""
+    import train
+    out = tmp_path / method
+    train.main(grpo_args(tiny_model, shards, out, method=method, max_steps=3, iterations=1,
+                         rewards=[{"reward": "contains", "text": "e"}],
+                         learning_rate=1e-3 if method == "full" else 2e-2, **settings))
+    metrics = rows(out)
+    if "beta" in settings:
+        assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6) and metrics[-1]["kl"] > 0
+    written = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    assert (out / "trained" / written).exists()
