@@ -73,3 +73,5 @@ def test_the_docs_quote_what_the_example_printed(grpo_finished):
         expected = (sft["exact_match"], grpo["exact_match"]) if task == "all" else \
             (sft["exact_match_by_task"][task], grpo["exact_match_by_task"][task])
         assert [float(cells[1]), float(cells[2])] == pytest.approx(expected, abs=5e-4), task
+    readme = (REPO / "README.md").read_text()
+    assert f"exact match from {sft['exact_match']:.3f} to {grpo['exact_match']:.3f}" in readme
