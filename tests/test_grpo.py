@@ -112,6 +112,8 @@ def test_advantages_are_normalized_within_each_group():
     assert advantages[4:].abs().max() == 0
     unscaled, _ = group_advantages(rewards, 4, "none")
     assert unscaled[:4].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    by_step, _ = group_advantages(rewards, 4, "batch", step_std=2.0)
+    assert by_step[:4].tolist() == pytest.approx([0.75 / 2.0001, -0.25 / 2.0001, -0.25 / 2.0001, -0.25 / 2.0001])
 
 
 def grpo_args(tiny_model, shards, out, **settings):

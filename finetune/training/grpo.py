@@ -128,12 +128,15 @@ def completion_logps(model, batch, temperature):
 # ---------------------------------------------------------------- advantages and loss
 
 
-def group_advantages(rewards, group, scale):
-    """Each completion's reward against its group's mean, scaled by the group's (or the step's) std; and which
-    completions are in a group whose rewards are all equal."""
+def group_advantages(rewards, group, scale, step_std=None):
+    """Each completion's reward against its group's mean, scaled by the group's std (or for scale batch the
+    step's, step_std: every micro-batch and process); and which completions are in a group of equal rewards."""
     grouped = rewards.view(-1, group)
     mean = grouped.mean(1).repeat_interleave(group)
-    std = grouped.std(1).repeat_interleave(group) if scale != "batch" else rewards.std().expand_as(rewards)
+    if scale == "batch":
+        std = torch.full_like(rewards, rewards.std().item() if step_std is None else step_std)
+    else:
+        std = grouped.std(1).repeat_interleave(group)
     advantages = rewards - mean
     if scale != "none":
         advantages = advantages / (std + 1e-4)
@@ -182,13 +185,12 @@ class GrpoState:
     rollout: dict | None = None  # the batches sampled last, reused for `iterations` steps
 
 
-def reward_batch(tokenizer, prompts, completion_ids, completion_mask, group):
-    """What reward functions are given about each completion of the groups of `prompts`."""
-    texts = [text.strip() for text in tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]  # pad-filled
-    each = [p for p in prompts for _ in range(group)]
-    return {"completions": texts, "references": [p.reference for p in each],
-            "prompts": [tokenizer.decode(p.ids) for p in each], "tasks": [p.task for p in each],
-            "completion_tokens": completion_mask.sum(1).tolist()}
+def reward_inputs(tokenizer, prompts, completions, completion_tokens, group=1):
+    """What reward functions are given about each completion: `group` completions of each prompt, in order."""
+    texts = [tokenizer.decode(p.ids) for p in prompts]
+    return {"completions": completions, "references": [p.reference for p in prompts for _ in range(group)],
+            "prompts": [text for text in texts for _ in range(group)],
+            "tasks": [p.task for p in prompts for _ in range(group)], "completion_tokens": completion_tokens}
 
 
 def sample_micro_batch(run, step, indices):
@@ -198,7 +200,8 @@ def sample_micro_batch(run, step, indices):
     prompts = [state.prompts[i] for i in indices]
     prompt_ids, prompt_mask, completion_ids, completion_mask = sample_groups(
         model, run.tokenizer, [p.ids for p in prompts], settings, state.stop_ids, synced_processes=run.sharded)
-    inputs = reward_batch(run.tokenizer, prompts, completion_ids, completion_mask, settings.num_generations)
+    texts = [text.strip() for text in run.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)]
+    inputs = reward_inputs(run.tokenizer, prompts, texts, completion_mask.sum(1).tolist(), settings.num_generations)
     scores = reward_functions.score(state.rewards, inputs, step)
     batch = {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "completion_mask": completion_mask,
              "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1)}
@@ -228,23 +231,15 @@ def rollout(run, step):
     run.unwrapped.eval()
     sampled = [sample_micro_batch(run, step, indices) for _, indices in window]
     rewards = torch.cat([r for _, r, _, _ in sampled])
-    batch_std = run.accelerator.gather(rewards.to(run.device)).std().item() if settings.scale_rewards == "batch" else 0
-    stats = {"completions": len(rewards), "reward": float(rewards.sum()), "reward_sq": float((rewards ** 2).sum())}
-    batches = []
-    for batch, micro_rewards, scores, inputs in sampled:
-        batch["advantages"], flat = group_advantages(micro_rewards, group, settings.scale_rewards)
-        if settings.scale_rewards == "batch":
-            batch["advantages"] = (micro_rewards - micro_rewards.view(-1, group).mean(1).repeat_interleave(group)) \
-                / (batch_std + 1e-4)
+    step_std = run.accelerator.gather(rewards.to(run.device)).std().item() if settings.scale_rewards == "batch" else None
+    batches, flats = [], []
+    for batch, micro_rewards, _, _ in sampled:
+        batch["advantages"], flat = group_advantages(micro_rewards, group, settings.scale_rewards, step_std)
         if settings.dynamic_sampling:  # groups whose rewards are all equal leave the step
             batch["completion_mask"] = batch["completion_mask"] * (~flat).long().unsqueeze(1)
         fixed_logps(run, batch)
         batches.append(batch)
-        for name, values in scores.items():
-            stats[f"reward/{name}"] = stats.get(f"reward/{name}", 0.0) + sum(values)
-            stats[f"reward/{name}_sq"] = stats.get(f"reward/{name}_sq", 0.0) + sum(v * v for v in values)
-        stats["zero_std_fraction"] = stats.get("zero_std_fraction", 0.0) + float(flat.sum())
-        stats["completion_length"] = stats.get("completion_length", 0.0) + float(sum(inputs["completion_tokens"]))
+        flats.append(flat)
     run.unwrapped.train()
     kept = [int((b["completion_mask"].sum(1) > 0).sum()) if settings.dynamic_sampling else len(b["completion_ids"])
             for b in batches]
@@ -253,8 +248,21 @@ def rollout(run, step):
     examples = [{"step": step, "kind": "rollout", "prompt": first["prompts"][i], "reference": first["references"][i],
                  "answer": first["completions"][i], "reward": float(sampled[0][1][i]),
                  "scores": {name: values[i] for name, values in sampled[0][2].items()}} for i in range(group)]
-    return {"epoch": window[-1][0], "batches": batches, "step": step, "stats": stats, "examples": examples,
+    return {"epoch": window[-1][0], "batches": batches, "stats": rollout_stats(sampled, flats), "examples": examples,
             "totals": run.accelerator.reduce(counts, reduction="sum").tolist()}
+
+
+def rollout_stats(sampled, flats):
+    """The rollout's statistics as sums over its completions (metrics() makes them means and stds)."""
+    rewards = torch.cat([r for _, r, _, _ in sampled])
+    stats = {"completions": len(rewards), "reward": float(rewards.sum()), "reward_sq": float((rewards ** 2).sum()),
+             "zero_std_fraction": float(sum(flat.sum() for flat in flats)),
+             "completion_length": float(sum(sum(inputs["completion_tokens"]) for _, _, _, inputs in sampled))}
+    for _, _, scores, _ in sampled:
+        for name, values in scores.items():
+            stats[f"reward/{name}"] = stats.get(f"reward/{name}", 0.0) + sum(values)
+            stats[f"reward/{name}_sq"] = stats.get(f"reward/{name}_sq", 0.0) + sum(v * v for v in values)
+    return stats
 
 
 def step_batches(run, step):
@@ -301,8 +309,7 @@ def heldout_reward(run, step):
                            max_new_tokens=settings.max_completion_length,
                            batch_size=settings.batch_size * settings.num_generations, temperature=0.0, top_p=1.0,
                            seed=settings.seed, stop_ids=state.stop_ids, synced_processes=run.sharded)
-    inputs = {"completions": completions, "references": [p.reference for p in prompts],
-              "prompts": [run.tokenizer.decode(p.ids) for p in prompts], "tasks": [p.task for p in prompts],
-              "completion_tokens": [len(run.tokenizer(c, add_special_tokens=False).input_ids) for c in completions]}
+    inputs = reward_inputs(run.tokenizer, prompts, completions,
+                           [len(run.tokenizer(c, add_special_tokens=False).input_ids) for c in completions])
     rewards = reward_functions.combined(state.rewards, reward_functions.score(state.rewards, inputs, step))
     return sum(rewards) / len(rewards)
