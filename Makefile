@@ -1,6 +1,7 @@
 # Two entry points, each installing what it needs into .venv first:
 #   make run    # the default workflow, end to end (snakemake --cores all)
 #   make test   # the test suite (pytest)
+#   make serve  # the finished runs of a base model behind an OpenAI-style API (BASE=tiny-llama PORT=8000)
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
@@ -8,7 +9,10 @@ export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test lint clean
+BASE ?= tiny-llama
+PORT ?= 8000
+
+.PHONY: install run test lint clean serve
 
 install: $(VENV)/.installed
 
@@ -24,6 +28,11 @@ run: install
 
 test: install
 	pytest
+
+# Trains what the base model's runs still need, then serves them (Ctrl-C stops it).
+serve: install
+	snakemake --cores all results/serve/$(BASE).json
+	python scripts/serve.py --manifest results/serve/$(BASE).json --port $(PORT)
 
 lint: install
 	snakemake --lint

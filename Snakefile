@@ -54,6 +54,7 @@ include: "rules/preference.smk"
 include: "rules/base_model.smk"
 include: "rules/evaluate.smk"
 include: "rules/export.smk"
+include: "rules/serve.smk"
 
 
 onsuccess:

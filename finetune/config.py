@@ -6,7 +6,8 @@ calls these in order):
 3. `check_before_defaults`: what validation would hide once it fills in defaults;
 4. (the Snakefile validates the config against the schema, filling in defaults);
 5. `resolve_runs`: each run's base model (another run's trained model, for a chained run)
-   and datasets, and the cross-references and combinations a schema cannot express;
+   and datasets, and the cross-references and combinations a schema cannot express (and
+   whether GGUF can hold the model of a run that writes it);
 6. `check_base_models`, `check_fused_experts` and `check_hub_token`: what the machine
    must have (a local folder, a cached Hub model when offline, a token for uploads) and
    whether peft can train what a run targets in a mixture of experts.
@@ -193,7 +194,7 @@ def resolve_runs(config):
             raise ValueError(f"run '{name}': " + "; ".join(problems))
         if run["method"] == "full":
             run["merge"] = False
-        problems = run_conflicts(run) + hub_target_problems(run)
+        problems = run_conflicts(run) + hub_target_problems(run) + gguf_problems(config, run)
         if run["objective"] == "grpo":
             from finetune.training.rewards import reward_problems
             problems += reward_problems(run["rewards"])
@@ -207,12 +208,37 @@ def hub_target_problems(run):
         return []
     hub = run["hub"]
     hub.setdefault("what", "model" if run["method"] == "full" else "adapter")
-    allowed = ["model"] if run["method"] == "full" else ["adapter", "merged"]
+    if hub["what"] == "gguf" and not run.get("gguf"):
+        return ["hub.what is 'gguf' but the run writes no GGUF files (set gguf, e.g. [q8_0])"]
+    allowed = (["model"] if run["method"] == "full" else ["adapter", "merged"]) + ["gguf"]
     if hub["what"] not in allowed:
         return [f"hub.what '{hub['what']}' does not fit method {run['method']} (use {' or '.join(allowed)})"]
     if hub["what"] == "merged" and not run["merge"]:
         return ["hub.what is 'merged' but merge is false"]
     return []
+
+
+def gguf_problems(config, run):
+    """A run that writes GGUF files needs a whole model (its merged model; for method full its trained one) of
+    a family and tokenizer GGUF can hold. Checked on the root base model's files where they are here (a local
+    folder; config.json, and tokenizer.json if cached, of a Hub model in the local cache); a built tiny model
+    is a Llama with a byte-level BPE tokenizer; anything else the gguf job checks before it writes."""
+    if not run.get("gguf"):
+        return []
+    if run["method"] != "full" and not run["merge"]:
+        return ["gguf is written from the merged model, but merge is false (set merge: true)"]
+    root = config["base_models"][run["base_model"]].get("root", run["base_model"])
+    path = os.path.expanduser(config["base_models"][root].get("name_or_path", ""))
+    if not path:
+        return []
+    local = os.path.isabs(path) or path.startswith(os.curdir) or os.path.isdir(path)
+    folder = path if local else os.path.dirname(hub_config_file(path) or "")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return []
+    from finetune.export.gguf import problem
+
+    found = problem(folder, need_tokenizer=False)
+    return [f"base model '{root}' ({path}): {found}"] if found else []
 
 
 def hub_offline():

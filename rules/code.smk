@@ -15,6 +15,8 @@ SAMPLING = ("finetune.training.samples",)
 PREFERENCE = ("finetune.training.objectives",)
 # Imported only by runs with objective grpo.
 GRPO = ("finetune.training.grpo", "finetune.training.rewards")
+# Imported only when eval.harness names lm-evaluation-harness tasks.
+HARNESS = ("finetune.evaluation.harness",)
 
 
 def script(name):

@@ -121,9 +121,24 @@ def run_reward_files(wildcards):
 
 
 def evaluation_code(wildcards):
-    """evaluate.py's code; the code that scores held-out pairs only for runs with a preference objective."""
-    sft = run_of(wildcards)["objective"] == "sft"
-    return code_of("evaluate", leave_out=("finetune.evaluation.preference",) if sft else ())
+    """evaluate.py's code; the code that scores held-out pairs only for runs with a preference objective, and
+    lm-evaluation-harness's (with the workflow's own tasks) only when eval.harness is set."""
+    sft, harness = run_of(wildcards)["objective"] == "sft", bool(config["eval"].get("harness"))
+    leave_out = (("finetune.evaluation.preference",) if sft else ()) + (() if harness else HARNESS)
+    return code_of("evaluate", leave_out=leave_out) + harness_task_files()
+
+
+def harness_task_files():
+    """The workflow's own lm-evaluation-harness tasks (YAML and Python), when eval.harness is set."""
+    if not config["eval"].get("harness"):
+        return []
+    folder = SOURCE_DIR / "finetune" / "evaluation" / "harness_tasks"
+    return sorted(os.path.relpath(path) for path in folder.iterdir() if path.suffix in (".yaml", ".py"))
+
+
+def harness_check(wildcards):
+    """The check of eval.harness's tasks (resolved, data here), when it is set: an input of every evaluation."""
+    return [HARNESS_TASKS] if config["eval"].get("harness") else []
 
 
 def launcher(gpus, nodes=1):
@@ -191,6 +206,8 @@ def settings_sections(subject):
         return {"dataset": config["datasets"][name]}
     if kind == "reference":
         return reference_sections(REFERENCES[name])
+    if kind == "harness":
+        return {"eval": config["eval"]}
     if kind == "tokens":
         tokenization, dataset = name.split("/")
         return {**run_sections(TOKENIZATIONS[tokenization]), "dataset": config["datasets"][dataset]}
@@ -237,3 +254,56 @@ def print_exact_match(evaluation):
     if lines:
         sizes = "/".join(map(str, sorted(records)))
         print(f"Held-out exact match ({sizes} records; results/report/sweep.html has the tables):", *lines, sep="\n")
+
+
+def runs_on(model):
+    return [name for name, run in RUNS.items() if run["base_model"] == model]
+
+
+def served_trained(wildcards):
+    return [f"results/runs/{name}/trained" for name in runs_on(wildcards.model)]
+
+
+def serving_manifest(wildcards):
+    """What scripts/serve.py loads: the base model and every run trained on it (paths relative to the project)."""
+    model = config["base_models"][wildcards.model]
+    runs = [
+        {"name": name, "method": RUNS[name]["method"], "trained": f"results/runs/{name}/trained"}
+        for name in runs_on(wildcards.model)
+    ]
+    manifest = {
+        "name": wildcards.model,
+        "path": base_model_path(wildcards.model),
+        "template": model.get("template", "auto"),
+        "trust_remote_code": model.get("trust_remote_code", False),
+        "runs": runs,
+    }
+    return json.dumps(manifest, indent=1)
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_command(wildcards):
+    """The equivalent vLLM commands: the base with every plain LoRA adapter (qlora's too) as --lora-modules;
+    vLLM loads neither DoRA nor AdaLoRA adapters, so those runs are served from their merged weights, and a
+    full fine-tune as a model of its own."""
+    model = wildcards.model
+    adapters = [n for n in runs_on(model) if RUNS[n]["method"] in ("lora", "qlora")]
+    others = [n for n in runs_on(model) if n not in adapters]
+    lines = ["#!/bin/sh", f"# vLLM serving base model {model} and the runs trained on it (GPU machines).", "set -e"]
+    command = f"vllm serve {base_model_path(model)} --served-model-name {model}"
+    if adapters:
+        rank = max(max(RUNS[n]["r"] for n in adapters), 1)
+        rank = next((allowed for allowed in VLLM_LORA_RANKS if allowed >= rank), rank)
+        modules = " ".join(f"{n}=results/runs/{n}/trained" for n in adapters)
+        command += f" --enable-lora --max-lora-rank {rank} --max-loras {len(adapters)} --lora-modules {modules}"
+    lines.append(f'{command} --host 127.0.0.1 --port "${{PORT:-8000}}"')
+    for port, name in enumerate(others, start=1):
+        weights = "trained" if RUNS[name]["method"] == "full" else "merged_weights"
+        note = "" if RUNS[name]["method"] == "full" or RUNS[name]["merge"] else "  # needs merge: true"
+        lines.append(
+            f"# {name} ({RUNS[name]['method']}): a server of its own\n# vllm serve results/runs/{name}/{weights}"
+            f' --served-model-name {name} --host 127.0.0.1 --port "$((${{PORT:-8000}} + {port}))"{note}'
+        )
+    return "\n".join(lines)

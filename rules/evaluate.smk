@@ -1,5 +1,27 @@
 # Per-run evaluation (base vs tuned on the held-out split, generations), the run's
 # page, and the sweep page comparing every run; all registered in `snakemake --report`.
+# With eval.harness, lm-evaluation-harness's tasks are checked first (resolved, their data
+# loaded: offline, from the local cache) by a local job that runs before any other that is
+# ready (priority), so a missing dataset stops the workflow before training; it is an input
+# of the evaluations only, so configuring it retrains nothing.
+
+
+rule harness_tasks:
+    input:
+        settings="results/harness/settings/harness_tasks.json",
+        script=script("harness_tasks"),
+        code=code_of("harness_tasks"),
+        tasks=harness_task_files(),
+    output:
+        HARNESS_TASKS,
+    log:
+        "results/logs/harness_tasks.log",
+    priority: 100
+    localrule: True
+    conda:
+        "../envs/finetune.yaml"
+    shell:
+        "python {input.script} --settings {input.settings} --output {output} > {log} 2>&1"
 
 
 rule evaluate:
@@ -12,6 +34,7 @@ rule evaluate:
         settings="results/runs/{run}/settings/evaluate.json",
         script=script("evaluate"),
         code=evaluation_code,
+        harness=harness_check,
     output:
         eval_json="results/runs/{run}/eval.json",
         generations="results/runs/{run}/generations.jsonl",

@@ -1,6 +1,7 @@
 # Export: the adapter merged into its unquantized base; the published folders (the
 # trained adapter, or for method full the trained model, and the merged model), each
-# with its model card, written by one rule; and the opt-in upload to the Hugging Face Hub.
+# with its model card, written by one rule; the GGUF files (llama.cpp, Ollama) of runs that
+# ask for them; and the opt-in upload to the Hugging Face Hub.
 
 
 rule merge:
@@ -49,6 +50,25 @@ rule export:
         " --settings {input.settings} --run-name {wildcards.run} --base-model {params.base_model:q}"
         " --summary {input.summary} --eval-json {input.eval_json} --manifest {input.manifest}"
         " --stats {input.stats} > {log} 2>&1"
+
+
+rule gguf:
+    input:
+        weights=lambda wildcards: (
+            rules.train.output.trained if run_of(wildcards)["method"] == "full" else rules.merge.output[0]
+        ),
+        settings="results/runs/{run}/settings/gguf_export.json",
+        script=script("gguf_export"),
+        code=code_of("gguf_export"),
+    output:
+        directory("results/runs/{run}/gguf"),
+    log:
+        "results/logs/gguf/{run}.log",
+    conda:
+        "../envs/finetune.yaml"
+    shell:
+        "python {input.script} --model {input.weights} --run-name {wildcards.run} --settings {input.settings}"
+        " --output-dir {output} > {log} 2>&1"
 
 
 rule upload:

@@ -191,10 +191,16 @@ def published(run):
     return ["adapter", "merged"] if RUNS[run]["merge"] else ["adapter"]
 
 
+# The check of eval.harness's lm-evaluation-harness tasks (rules/evaluate.smk).
+HARNESS_TASKS = "results/harness/tasks.json"
+
+
 def final_outputs():
     outputs = [f"results/data/{dataset}.stats.json" for dataset in config["datasets"]]
     for name, run in RUNS.items():
         outputs += [f"results/runs/{name}/eval.json", f"results/runs/{name}/report.html"]
         outputs += [f"results/runs/{name}/{folder}" for folder in published(name)]
+        outputs += [f"results/runs/{name}/gguf"] if run["gguf"] else []
         outputs += [f"results/runs/{name}/upload.json"] if run.get("hub") else []
+    outputs += [f"results/serve/{model}.json" for model in sorted({run["base_model"] for run in RUNS.values()})]
     return outputs + ["results/report/sweep.html"]

@@ -3,7 +3,8 @@ base model: held-out loss and perplexity of both, side by side, task metrics of
 their generations (overall and per task kind), for a preference run its figures on
 the held-out pairs (finetune/evaluation/preference.py), and the generations for the
 configured prompts and a fixed sample of held-out records (base and tuned
-beside the reference answer).
+beside the reference answer). With eval.harness, lm-evaluation-harness's tasks on
+both models too (finetune/evaluation/harness.py).
 
     python scripts/evaluate.py --base-model results/base_models/tiny-llama --settings evaluate.json \
         --trained-dir results/runs/r8/trained --shards results/tokens/TOKENIZATION/*.arrow \
@@ -61,6 +62,10 @@ def evaluate(args, settings):
     decoding = dict(max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
                     temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
                     stop_ids=stop_token_ids(tokenizer, template))
+    harness, benchmarks, samples = None, {}, {}
+    if settings.harness:  # lm-evaluation-harness's tasks too, on the models loaded here (evaluation/harness.py)
+        from finetune.evaluation.harness import harness_options, heldout_rows, run_tasks
+        harness, rows = harness_options(settings.harness), heldout_rows(records, prompts, tokenizer)
 
     losses, outputs, logps = {}, {}, {}
     for side, model, context in models_to_compare(args.base_model, args.trained_dir, tokenizer, dtype, device,
@@ -71,6 +76,8 @@ def evaluate(args, settings):
             if examples.kind != "sft":
                 from finetune.evaluation.preference import heldout_logps
                 logps[side] = heldout_logps(model, examples, settings.batch_size, tokenizer.pad_token_id)
+            if harness:
+                benchmarks[side], samples = run_tasks(model, tokenizer, harness, rows, decoding)
 
     generations = [
         {"source": source, "id": record.get("id"), "task": record.get("task"), "question": question(record),
@@ -90,6 +97,9 @@ def evaluate(args, settings):
                   **task_metrics([g[side] for g in heldout], references, tasks)} for side in ("base", "tuned")},
         "generation": {k: v for k, v in decoding.items() if k != "batch_size"},
     }
+    if harness:
+        from finetune.evaluation.harness import harness_section
+        result["harness"] = harness_section(harness, benchmarks, samples)
     if logps and args.root_model:  # a chained run: score both sides against the root base model too
         from finetune.evaluation.preference import heldout_logps
         root = load_base_model(args.root_model[0], dtype=dtype, tokenizer=tokenizer,

@@ -138,6 +138,19 @@ def objective_line(settings, chain):
     return f"Objective: {what}, method {settings.get('method')}, {start}."
 
 
+def harness_section(harness):
+    """lm-evaluation-harness's figures (eval.harness): each task's metrics, base beside tuned."""
+    if not harness:
+        return ""
+    rows = [[task, metric, harness["base"].get(task, {}).get(metric), value]
+            for task, values in harness["tuned"].items() for metric, value in values.items()]
+    limit = f", at most {harness['limit']} records per task" if harness["limit"] else ""
+    return (f"<h2>Standard benchmarks (lm-evaluation-harness {html.escape(harness['lm_eval'])})</h2>"
+            f"<p>{harness['num_fewshot']}-shot{limit}; records: "
+            f"{html.escape(', '.join(f'{task} {n}' for task, n in harness['samples'].items()))}.</p>"
+            + table(["task", "metric", "base", "tuned"], rows))
+
+
 def render_html(run_name, summary, evaluation, generations, samples, plot_png, manifest):
     base, tuned = evaluation["base"], evaluation["tuned"]
     eval_rows = [[metric, base.get(metric), tuned.get(metric)]
@@ -168,6 +181,7 @@ def render_html(run_name, summary, evaluation, generations, samples, plot_png, m
         f"<h2>{'Exact match and preference accuracy' if len(task_headers) > 3 else 'Exact match'} per task</h2>",
         table(task_headers, [row[:len(task_headers)] for row in task_rows]) if task_rows else "",
         "<h2>Evaluation</h2>", table(["metric", "base", "tuned"], eval_rows),
+        harness_section(evaluation.get("harness")),
         f"<h2>Loss {'and reward ' if manifest['settings'].get('objective') == 'grpo' else ''}curve</h2>",
         image("loss curve", plot_png),
         "<h2>Answers over training</h2>", samples_table(samples), rollouts_table(samples),

@@ -38,6 +38,7 @@ COLUMNS = ["run", "objective", "method", "r", "alpha", "target_modules", "traina
            "exact_match", "rouge_l", "bleu", "chrf", "base_preference_accuracy", "preference_accuracy",
            "base_reward_accuracy", "reward_accuracy"]
 TASK_PREFIX = "exact_match:"  # one more column per task kind: its held-out exact match
+HARNESS_PREFIX = "harness:"  # one more column per lm-evaluation-harness task and metric (eval.harness)
 STYLE = """
 th, td { padding: 4px 6px; }
 td { white-space: nowrap; }
@@ -74,6 +75,8 @@ def run_row(name, settings, summary, evaluation, metrics):
         "base_reward_accuracy": evaluation["base"].get("reward_accuracy"),
         "reward_accuracy": tuned.get("reward_accuracy"),
         **{f"{TASK_PREFIX}{task}": value for task, value in tuned.get("exact_match_by_task", {}).items()},
+        **{f"{HARNESS_PREFIX}{task} {metric}": value for task, values in
+           evaluation.get("harness", {}).get("tuned", {}).items() for metric, value in values.items()},
     }
 
 
@@ -175,8 +178,8 @@ def best_run(rows):
     return min(rows, key=lambda r: r["eval_loss"])["run"], "Lowest held-out loss"
 
 
-def task_columns(rows):
-    return sorted({key for row in rows for key in row if key.startswith(TASK_PREFIX)})
+def task_columns(rows, prefix=TASK_PREFIX):
+    return sorted({key for row in rows for key in row if key.startswith(prefix)})
 
 
 def shown_columns(rows):
@@ -188,13 +191,16 @@ def shown_columns(rows):
 
 def render_html(rows, loss_png, params_png, swept_png=None):
     best, why = best_run(rows)
-    tasks = task_columns(rows)
+    tasks, benchmarks = task_columns(rows), task_columns(rows, HARNESS_PREFIX)
     return page("Sweep report", [
         f"<h1>Sweep: {len(rows)} run(s)</h1>",
         f"<p>{why}: <b>{html.escape(best)}</b>. Click a column header to sort.</p>",
         sortable_table("sweep", rows, shown_columns(rows), HEADERS, best),
         "<h2>Exact match per task</h2>" if tasks else "",
         sortable_table("tasks", rows, ["run"] + tasks, {t: t[len(TASK_PREFIX):] for t in tasks}, best) if tasks else "",
+        "<h2>Standard benchmarks (lm-evaluation-harness, tuned)</h2>" if benchmarks else "",
+        sortable_table("harness", rows, ["run"] + benchmarks, {c: c[len(HARNESS_PREFIX):] for c in benchmarks}, best)
+        if benchmarks else "",
         "<h2>Loss curves</h2>", image("loss curves", loss_png),
         "<h2>Eval loss vs trainable parameters</h2>", image("eval loss vs parameters", params_png),
         *(["<h2>Metrics against each swept setting</h2>", image("metrics vs swept settings", swept_png)]
@@ -225,7 +231,7 @@ def parse_args(argv=None):
 def write_csv(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS + task_columns(rows))
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + task_columns(rows) + task_columns(rows, HARNESS_PREFIX))
         writer.writeheader()
         writer.writerows(rows)
 

@@ -15,6 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist (`make test` runs `pytest -n auto --dist loadgroup`): the tests on the finished
+    default project run in one worker, so that its session fixtures (the workflow end to end, the
+    examples over it) are built once; the SLURM cluster is one per machine. The other tests spread
+    over the other workers."""
+    for item in items:
+        if "finished" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("finished"))
+        elif item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 def settings_args(folder, stage, **values):
     """["--settings", path] of a settings file for `stage` written in `folder`: the values over the
     declared defaults (the way the workflow writes a stage's share of the settings)."""
@@ -87,3 +99,14 @@ def finished(tmp_path_factory):
     result = snakemake(workdir, "--cores", "2")
     (workdir.parent / "snakemake-output.txt").write_text(result.stdout + result.stderr)  # beside, not in, the project
     return workdir
+
+
+@pytest.fixture(scope="session")
+def grpo_finished(finished, tmp_path_factory):
+    """A copy of the finished default project with the GRPO example over it (config/grpo.yaml: runs sft-short
+    and grpo chained on it), run to completion (slow tests only)."""
+    from workflow import copy_project, snakemake
+    project = copy_project(finished, tmp_path_factory.mktemp("grpo") / "wf")
+    result = snakemake(project, "--cores", "2", "--configfile", "config/grpo.yaml", timeout=1800)
+    (project.parent / "snakemake-output.txt").write_text(result.stdout + result.stderr)
+    return project

@@ -22,7 +22,7 @@ from workflow import copy_workflow, dry_run_jobs, snakemake
 from finetune import settings
 
 STAGES = settings.stages()
-SETTINGS_RULES = ("settings", "run_settings")  # they print a settings file's JSON (over several lines): no script
+SETTINGS_RULES = ("settings", "run_settings", "serving")  # they print JSON (over several lines): no script
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ def test_changing_one_grid_value_plans_only_the_runs_it_touches(workdir):
     assert planned_jobs(workdir, *args) == sorted([
         "all", "report_sweep", "train[run=g-r16]", "evaluate[run=g-r16]", "export[run=g-r16, published=adapter]",
         "merge[run=g-r16]", "export[run=g-r16, published=merged]", "report_run[run=g-r16]", "manifest[run=g-r16]",
-        "run_settings[run=g-r16]",
+        "run_settings[run=g-r16]", "serving[model=tiny-llama]",
         *(f"settings[subject=runs/g-r16, stage={stage}]" for stage in ("train", "evaluate", "merge", "export"))])
 
 

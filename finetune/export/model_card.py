@@ -72,6 +72,26 @@ def setting(value):
     return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def gguf_section(run_name, types):
+    """The GGUF files written from this model (results/runs/{run}/gguf), for llama.cpp and Ollama."""
+    files = ", ".join(f"`{run_name}-{kind}.gguf`" for kind in types)
+    return ["## GGUF\n", f"This model is also written as GGUF for llama.cpp and Ollama: {files}, with an Ollama "
+            f"`Modelfile` (FROM `{run_name}-{types[0]}.gguf`), in the run's `gguf` folder.\n",
+            "```bash", f"llama-cli -m {run_name}-{types[0]}.gguf -p 'Hello'",
+            f"ollama create {run_name} -f Modelfile && ollama run {run_name}", "```", ""]
+
+
+def harness_lines(harness):
+    """lm-evaluation-harness's figures (eval.harness), base beside fine-tuned."""
+    if not harness:
+        return []
+    limit = f", at most {harness['limit']} records per task" if harness["limit"] else ""
+    lines = ["", f"Standard benchmarks (lm-evaluation-harness {harness['lm_eval']}, {harness['num_fewshot']}-shot"
+             f"{limit}):\n", "| task | metric | base model | fine-tuned |", "|---|---|---|---|"]
+    return lines + [f"| {task} | {metric} | {number(harness['base'].get(task, {}).get(metric))} | {number(value)} |"
+                    for task, values in harness["tuned"].items() for metric, value in values.items()]
+
+
 def render(kind, run_name, base_model, settings, summary, evaluation, stats, license_id=None, repo_hint=".",
            manifest=None):
     datasets = [Path(s["file"]).stem for s in stats]
@@ -97,6 +117,7 @@ def render(kind, run_name, base_model, settings, summary, evaluation, stats, lic
     if preference:
         lines.append(f"| reward_accuracy_vs_base (the fine-tuned model's log-probability ratio to the base model "
                      f"favors the chosen answer) | | {number(preference['reward_accuracy_vs_base'])} |")
+    lines += harness_lines(evaluation.get("harness"))
     lines += ["", "## Training\n", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {setting(value)} |" for key, value in training_settings(settings)]
     lines += [f"| trainable parameters | {summary['trainable_parameters']:,} of {summary['total_parameters']:,} |",
@@ -106,6 +127,8 @@ def render(kind, run_name, base_model, settings, summary, evaluation, stats, lic
     lines += ["## Data\n", "| dataset | records | rejected | duplicates |", "|---|---|---|---|"]
     lines += [f"| {Path(s['file']).name} | {s['records']} | {s['rejected']} | {s['duplicates']} |" for s in stats]
     lines += ["", "## Usage\n", "```python", usage(kind, base_model, repo_hint, summary), "```", ""]
+    if kind != "adapter" and settings.get("gguf"):
+        lines += gguf_section(run_name, settings["gguf"])
     if manifest:
         lines += ["## Reproducibility\n", "`manifest.json` beside this card has the full record: the resolved settings "
                   "(paste them under `runs:` to train this run again), library versions, device and content hashes.\n",
