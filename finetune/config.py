@@ -322,3 +322,20 @@ def check_hub_token(config):
     if get_token() is None:
         raise ValueError(f"run(s) {', '.join(uploading)} upload to the Hugging Face Hub, but no token is available: "
                          "set HF_TOKEN or run `huggingface-cli login` (a token is never read from the config)")
+
+
+def check_harness(config):
+    """eval.harness needs lm-evaluation-harness installed, and its workflow task (finetune_heldout, over the
+    held-out records evaluate answers) needs eval.num_samples > 0: said before any job. Whether each task
+    and its data are there is the harness_tasks job's check (importing lm_eval here would slow every plan)."""
+    harness = config["eval"].get("harness")
+    if not harness:
+        return
+    import importlib.util
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("eval.harness: lm-evaluation-harness is not installed in this environment "
+                         "(pip install 'lm-eval>=0.4.5'), or remove eval.harness")
+    if "finetune_heldout" in harness["tasks"] and config["eval"]["num_samples"] == 0:
+        raise ValueError("eval.harness: task finetune_heldout asks the held-out records evaluate answers, but "
+                         "eval.num_samples is 0 (set it above 0, or remove the task)")
+

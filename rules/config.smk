@@ -56,4 +56,5 @@ workflow_config.resolve_runs(config)
 workflow_config.check_base_models(config)
 workflow_config.check_fused_experts(config)
 workflow_config.check_hub_token(config)
+workflow_config.check_harness(config)
 RUNS = config["runs"]

@@ -63,6 +63,7 @@ class Handler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit():
             raise ApiError(411, "a request body needs a Content-Length", None, "length_required")
         if int(length) > self.app["limits"]["max_body_bytes"]:
+            self.discard(int(length))  # a client sends its whole body before it reads the answer
             raise ApiError(413, f"the request body is {length} bytes; the limit is "
                            f"{self.app['limits']['max_body_bytes']}", None, "request_too_large")
         try:
@@ -72,6 +73,14 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
         return body
+
+    def discard(self, length, most=64 << 20):
+        left = min(length, most)
+        while left > 0:
+            read = len(self.rfile.read(min(1 << 16, left)))
+            if not read:
+                break
+            left -= read
 
     def handle_errors(self, action):
         try:

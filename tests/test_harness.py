@@ -115,3 +115,11 @@ def test_configuring_the_harness_on_a_finished_project_retrains_nothing(finished
     jobs = planned_jobs(project)
     assert "harness_tasks" in jobs and {"evaluate[run=lora-r16]", "evaluate[run=full]"} <= set(jobs)
     assert not [job for job in jobs if job.startswith(("train", "pretrain", "tokenize"))]
+
+
+def test_the_workflow_task_without_held_out_answers_is_refused_before_any_job():
+    from finetune.config import check_harness
+    with pytest.raises(ValueError, match="eval.num_samples is 0"):
+        check_harness({"eval": {"num_samples": 0, "harness": {"tasks": ["finetune_heldout"]}}})
+    check_harness({"eval": {"num_samples": 8, "harness": {"tasks": ["finetune_heldout"]}}})
+    check_harness({"eval": {"num_samples": 0}})

@@ -23,7 +23,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, max_batch=32, mix=True, gather_s=0.002):
+    def __init__(self, max_batch=32, mix=True, gather_s=0.01):
         self.max_batch, self.mix, self.gather_s = max_batch, mix, gather_s
         self.waiting = deque()
         self.ready = threading.Condition()
@@ -53,7 +53,7 @@ class Scheduler:
             self.waiting = deque(job for job in self.waiting if id(job) not in taken)
         return batch
 
-    def gather(self, longest_s=0.05):
+    def gather(self, longest_s=0.25):
         """Wait while requests keep arriving (a burst shares the batch), at most longest_s."""
         start, seen = time.perf_counter(), -1
         while len(self.waiting) != seen and len(self.waiting) < self.max_batch \
