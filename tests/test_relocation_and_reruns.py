@@ -49,7 +49,8 @@ def test_a_data_edit_after_the_copy_reruns_what_it_would_in_place(project):
     tokenize = [j for j in jobs if j.startswith("tokenize[")]
     assert len(tokenize) == 1 and "dataset=word_tasks" in tokenize[0]
     assert jobs == sorted(["all", "validate[dataset=word_tasks]", "dataset_stats[dataset=word_tasks]", *tokenize,
-                           *per_run(project, TRAINING + DOWNSTREAM_OF_TRAINING), "report_sweep"])
+                           *per_run(project, TRAINING + DOWNSTREAM_OF_TRAINING), "report_sweep",
+                           "serving[model=tiny-llama]"])
 
 
 def docs_examples():
@@ -178,7 +179,7 @@ def test_replacing_a_local_base_models_weights_reruns_what_used_them(local_model
     assert planned_jobs(project) == sorted(["all", "report_sweep", "train[run=r4]", "evaluate[run=r4]",
                                             "export[run=r4, published=adapter]", "merge[run=r4]",
                                             "export[run=r4, published=merged]", "report_run[run=r4]",
-                                            "manifest[run=r4]"])
+                                            "manifest[run=r4]", "serving[model=local-tiny]"])
 
 
 def test_editing_a_local_base_models_tokenizer_retokenizes(local_model_project, tmp_path):

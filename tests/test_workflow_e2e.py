@@ -170,7 +170,7 @@ def test_incremental_reruns(finished):
     tokenize = [j for j in jobs if j.startswith("tokenize[")]
     assert len(tokenize) == 1 and "dataset=word_tasks" in tokenize[0]
     assert jobs == sorted(["all", "validate[dataset=word_tasks]", "dataset_stats[dataset=word_tasks]", *tokenize,
-                           *per_run_jobs(finished, PER_RUN), "report_sweep"])
+                           *per_run_jobs(finished, PER_RUN), "report_sweep", "serving[model=tiny-llama]"])
     data.write_bytes(original)
     assert planned_jobs(finished) == [], "restoring the content makes it up to date again"
 
@@ -183,7 +183,7 @@ def test_incremental_reruns(finished):
                                              "export[run=lora-r16, published=adapter]", "merge[run=lora-r16]",
                                              "export[run=lora-r16, published=merged]", "report_run[run=lora-r16]",
                                              "manifest[run=lora-r16]", "settings[subject=runs/lora-r16, stage=train]",
-                                             "run_settings[run=lora-r16]"])
+                                             "run_settings[run=lora-r16]", "serving[model=tiny-llama]"])
     config_path.write_text(config_text)
 
 
