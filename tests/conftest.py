@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     """With pytest-xdist (`make test` runs `pytest -n auto --dist loadgroup`): the tests on the finished
     default project run in one worker, so that its session fixtures (the workflow end to end, the
