@@ -100,7 +100,9 @@ def test_an_unknown_task_stops_the_workflow_before_any_training(tmp_path):
     from workflow import copy_workflow, snakemake
     workdir = copy_workflow(tmp_path / "wf")
     set_harness(workdir, ["finetune_heldout", "no_such_task"])
-    result = snakemake(workdir, "--cores", "2", check=False)
+    # One job at a time: the check's priority puts it before every other ready job (with more cores,
+    # jobs that need no check, such as building the tiny model, may run beside it).
+    result = snakemake(workdir, "--cores", "1", check=False)
     assert result.returncode != 0 and "Error in rule harness_tasks" in result.stdout + result.stderr
     assert "'no_such_task' is no lm_eval task" in (workdir / "results/logs/harness_tasks.log").read_text()
     assert not (workdir / "results/logs/train").exists() and not (workdir / "results/logs/pretrain").exists()
