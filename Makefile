@@ -26,12 +26,8 @@ $(VENV)/.installed: requirements.txt requirements-test.txt constraints-cpu.txt p
 run: install
 	snakemake --cores all
 
-# Two test processes: the end-to-end tests on the finished project in one (they share it), the rest in
-# the other (tests/conftest.py groups them).
-TEST_WORKERS ?= 2
-
 test: install
-	pytest -n $(TEST_WORKERS) --dist loadgroup
+	pytest
 
 # Trains what the base model's runs still need, then serves them (Ctrl-C stops it).
 serve: install

@@ -15,19 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items):
-    """With pytest-xdist (`make test` runs `pytest -n auto --dist loadgroup`): the tests on the finished
-    default project run in one worker, so that its session fixtures (the workflow end to end, the
-    examples over it) are built once; the SLURM cluster is one per machine. The other tests spread
-    over the other workers."""
-    for item in items:
-        if "finished" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("finished"))
-        elif item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-
-
 def settings_args(folder, stage, **values):
     """["--settings", path] of a settings file for `stage` written in `folder`: the values over the
     declared defaults (the way the workflow writes a stage's share of the settings)."""

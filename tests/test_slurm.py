@@ -64,7 +64,7 @@ def job_ids(output, rules):
 
 
 # A job submitted to SLURM: any but the local rules (the target, and the printf jobs that write settings files).
-SUBMITTED_RULE = r"^rule (?!all:|settings:|run_settings:)\w+:$"
+SUBMITTED_RULE = r"^rule (?!all:|settings:|run_settings:|serving:)\w+:$"
 
 
 def submissions(output):
