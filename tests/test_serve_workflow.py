@@ -10,6 +10,7 @@ import pytest
 
 import serve
 from finetune.serving.models import load_servables
+from test_serve import batch_of
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,18 @@ def test_each_base_model_gets_a_manifest_and_a_vllm_command(grpo_finished):
         "grpo"]
 
 
-def test_the_served_runs_answer_as_their_evaluation_did(grpo_finished, monkeypatch):
+@pytest.fixture
+def evaluation_threads():
+    """The evaluate jobs ran with 2 threads (the rule's threads); tests before may have left torch at 1
+    (train.main(["--threads", "1"])), and another thread count sums in another order: a near tie can flip."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_served_runs_answer_as_their_evaluation_did(grpo_finished, monkeypatch, evaluation_threads):
     monkeypatch.chdir(grpo_finished)  # the manifest's paths are the project's
     manifest = json.loads((grpo_finished / "results/serve/tiny-llama.json").read_text())
     server = serve.make_server(load_servables(manifest), port=0)
@@ -46,7 +58,7 @@ def test_the_served_runs_answer_as_their_evaluation_did(grpo_finished, monkeypat
                                                max_tokens=16, temperature=0)  # the example's eval.max_new_tokens
         return reply.choices[0].message.content.strip()
     try:
-        with ThreadPoolExecutor(len(asks)) as pool:
+        with batch_of(server, len(asks)), ThreadPoolExecutor(len(asks)) as pool:
             answers = list(pool.map(ask, asks))
     finally:
         server.shutdown()
