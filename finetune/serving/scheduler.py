@@ -27,7 +27,7 @@ class Scheduler:
         self.max_batch, self.mix, self.gather_s = max_batch, mix, gather_s
         self.waiting = deque()
         self.ready = threading.Condition()
-        self.batches = []  # the served names of each batch run (for the benchmark and the tests)
+        self.batches = []  # the served names of each recent batch (for the benchmark and the tests)
         threading.Thread(target=self.serve_forever, daemon=True, name="decode").start()
 
     def submit(self, jobs):
@@ -67,6 +67,7 @@ class Scheduler:
             try:
                 run_batch(batch, mixed=self.batch_key(batch[0])[0] == "mixed")
                 self.batches.append([job.servable.name for job in batch])
+                del self.batches[:-1000]  # a long-running server keeps the recent ones only
             except Exception as exc:  # one failed batch must not stop the server: its requests get the error
                 traceback.print_exc()
                 for job in batch:
