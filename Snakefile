@@ -1,7 +1,7 @@
 # Fine-tuning as a Snakemake workflow:
 #   data -> validate -> tokenize -> train (one job per run) -> evaluate, report
 #   -> merge, export, upload; the embedded tiny base model is built and pretrained
-#   by the workflow itself. See README.md and docs/.
+#   by the workflow itself; searches (Optuna) propose rounds of runs. See README.md and docs/.
 # The rule files depend one way, in the order they are included: config (the resolved
 # config), paths (file names), code (each job's code inputs) and common (what the rules
 # look up by wildcards) hold functions only; then the rules, each file using those and
@@ -35,16 +35,23 @@ wildcard_constraints:
     tokenization="[A-Za-z0-9_.-]+",
     reference="[A-Za-z0-9_.-]+",
     published="adapter|model|merged",
+    search="|".join(re.escape(search) for search in SEARCHES) or "(?!)",
 
 
 localrules:
     all,
 
 
+# The trials a search has proposed so far are runs (a job that parses the workflow again
+# needs them before any checkpoint is read).
+register_proposed_trials()
+
+
 rule all:
     default_target: True
     input:
         final_outputs(),
+        search_outputs,
 
 
 include: "rules/settings.smk"
@@ -55,6 +62,7 @@ include: "rules/base_model.smk"
 include: "rules/evaluate.smk"
 include: "rules/export.smk"
 include: "rules/serve.smk"
+include: "rules/search.smk"
 
 
 onsuccess:

@@ -72,7 +72,8 @@ def is_learned(spec):
 
 def default_of(spec, run):
     """A setting's default for this run: the declared one, or the one `x-default-for` names for its objective."""
-    return (spec.get("x-default-for") or {}).get((run or {}).get("objective", "sft"), spec.get("default"))
+    overrides = spec.get("x-default-for")
+    return overrides.get((run or {}).get("objective", "sft"), spec.get("default")) if overrides else spec.get("default")
 
 
 def fill_objective_defaults(run, schema_file=SCHEMA_FILE):
@@ -124,7 +125,8 @@ def problems(stage, values, schema_file=SCHEMA_FILE):
     settings = declared(stage, schema_file)
     found = [f"'{name}' is missing" for name in settings if name not in values]
     found += [f"'{name}' is not a setting of {stage}" for name in values if name not in settings]
-    checker = jsonschema.Draft202012Validator({"properties": {name: spec for name, (_, spec) in settings.items()}})
+    checker = jsonschema.Draft202012Validator({"properties": {name: spec for name, (_, spec) in settings.items()},
+                                               "$defs": load_schema(schema_file)["$defs"]})  # what they refer to
     given = {name: value for name, value in values.items() if value is not None}
     found += [f"'{error.absolute_path[0]}': {error.message}" for error in checker.iter_errors(given)]
     return found

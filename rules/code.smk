@@ -17,6 +17,8 @@ PREFERENCE = ("finetune.training.objectives",)
 GRPO = ("finetune.training.grpo", "finetune.training.rewards")
 # Imported only when eval.harness names lm-evaluation-harness tasks.
 HARNESS = ("finetune.evaluation.harness",)
+# Imported only by the trials of a search that prunes.
+PRUNING = ("finetune.search.pruning",)
 
 
 def script(name):

@@ -1,8 +1,11 @@
 # The configuration, resolved and checked before any job is scheduled: sweeps expanded
 # into runs, run_defaults merged, the config validated against the schema (which fills
-# in the defaults), then what a schema cannot express (finetune/config.py). Defines
-# SCHEMA, RUNS (every run's resolved settings) and SWEEPS; uses nothing of the other
+# in the defaults), then what a schema cannot express (finetune/config.py); each search's
+# space, and its trials at the corners of the space resolved as runs (finetune/search/runs.py).
+# Defines SCHEMA, RUNS (every run's resolved settings), SWEEPS, SEARCHES and RAW_CONFIG (the
+# config as given, which a search's trials are resolved from); uses nothing of the other
 # rule files.
+import copy
 import os
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ from snakemake.utils import update_config, validate
 
 try:
     from finetune import config as workflow_config
+    from finetune.search.runs import check_searches, check_trials
 except ImportError as missing:
     raise ImportError(
         f"the workflow's package cannot be imported ({missing}); install it into this environment with "
@@ -41,14 +45,20 @@ def replace_the_config_in_cluster_jobs_too():
         update_config(config, workflow.config_settings.overwrite_config)
 
 
-def run_setting_names():
+def run_declarations():
     from finetune.settings import load_schema
 
-    return list(load_schema(SCHEMA)["$defs"]["run"]["properties"])
+    return load_schema(SCHEMA)["$defs"]["run"]["properties"]
+
+
+def validated(some_config):
+    validate(some_config, str(SCHEMA))
 
 
 replace_the_config_in_cluster_jobs_too()
-SWEEPS = workflow_config.expand_sweeps(config, run_setting_names())
+SWEEPS = workflow_config.expand_sweeps(config, list(run_declarations()))
+check_searches(config, run_declarations())
+RAW_CONFIG = copy.deepcopy(config)
 workflow_config.merge_run_defaults(config)
 workflow_config.check_before_defaults(config)
 validate(config, str(SCHEMA))
@@ -57,4 +67,6 @@ workflow_config.check_base_models(config)
 workflow_config.check_fused_experts(config)
 workflow_config.check_hub_token(config)
 workflow_config.check_harness(config)
+check_trials(config, RAW_CONFIG, validated)
 RUNS = config["runs"]
+SEARCHES = config.get("search") or {}

@@ -82,10 +82,12 @@ rule report_run:
 rule report_sweep:
     input:
         settings="results/report/settings/report_sweep.json",
-        run_settings=expand(rules.run_settings.output[0], run=RUNS),
-        summaries=expand(rules.train.output.summary, run=RUNS),
-        evaluations=expand(rules.evaluate.output.eval_json, run=RUNS),
-        metrics=expand(rules.train.output.metrics, run=RUNS),
+        run_settings=swept(rules.run_settings.output[0]),
+        summaries=swept(rules.train.output.summary),
+        evaluations=swept(rules.evaluate.output.eval_json),
+        metrics=swept(rules.train.output.metrics),
+        search_told=[last_told_file(search) for search in SEARCHES],
+        search_reports=expand("results/search/{search}/report.html", search=SEARCHES),
         script=script("report_sweep"),
         code=code_of("report_sweep"),
     output:
@@ -103,9 +105,10 @@ rule report_sweep:
     conda:
         "../envs/finetune.yaml"
     params:
-        runs=list(RUNS),
+        runs=lambda wildcards: swept_runs(),
     shell:
         "python {input.script} --settings {input.settings} --runs {params.runs} --run-settings {input.run_settings}"
         " --summaries {input.summaries} --evaluations {input.evaluations} --metrics {input.metrics}"
         " --csv {output.csv} --html {output.html} --loss-plot {output.loss_plot} --params-plot {output.params_plot}"
-        " --swept-plot {output.swept_plot} > {log} 2>&1"
+        " --swept-plot {output.swept_plot} --search-told {input.search_told} --search-reports {input.search_reports}"
+        " > {log} 2>&1"

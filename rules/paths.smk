@@ -139,6 +139,16 @@ REFERENCE_OF_RUN = {name: reference(run) for name, run in RUNS.items()}
 REFERENCES = {REFERENCE_OF_RUN[name]: run for name, run in RUNS.items() if REFERENCE_OF_RUN[name]}
 
 
+def add_run(name, run):
+    """A run resolved after the config (a search's trial, once proposed): its settings, shards and reference."""
+    RUNS[name] = run
+    TOKENIZATION_OF_RUN[name] = tokenization(run)
+    TOKENIZATIONS.setdefault(TOKENIZATION_OF_RUN[name], run)
+    REFERENCE_OF_RUN[name] = reference(run)
+    if REFERENCE_OF_RUN[name]:
+        REFERENCES.setdefault(REFERENCE_OF_RUN[name], run)
+
+
 def reference_files(run):
     """The reference's log-probabilities of each of a run's shards; none for objectives without a reference."""
     if not REFERENCE_OF_RUN[run]:
@@ -195,12 +205,21 @@ def published(run):
 HARNESS_TASKS = "results/harness/tasks.json"
 
 
+# The runs of the config (grids expanded); a search's trials are added to RUNS as they are proposed.
+CONFIGURED_RUNS = list(RUNS)
+
+
 def final_outputs():
+    """What `snakemake` makes: every configured run's results, published folders and serving manifest; the
+    sweep page. A search's report and its trials' results follow its rounds (search_outputs)."""
     outputs = [f"results/data/{dataset}.stats.json" for dataset in config["datasets"]]
-    for name, run in RUNS.items():
+    for name in CONFIGURED_RUNS:
+        run = RUNS[name]
         outputs += [f"results/runs/{name}/eval.json", f"results/runs/{name}/report.html"]
         outputs += [f"results/runs/{name}/{folder}" for folder in published(name)]
         outputs += [f"results/runs/{name}/gguf"] if run["gguf"] else []
         outputs += [f"results/runs/{name}/upload.json"] if run.get("hub") else []
-    outputs += [f"results/serve/{model}.json" for model in sorted({run["base_model"] for run in RUNS.values()})]
+    outputs += [
+        f"results/serve/{model}.json" for model in sorted({RUNS[name]["base_model"] for name in CONFIGURED_RUNS})
+    ]
     return outputs + ["results/report/sweep.html"]

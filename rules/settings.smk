@@ -14,7 +14,7 @@ rule settings:
     log:
         "results/logs/settings/{subject}/{stage}.log",
     wildcard_constraints:
-        subject=r"(runs|pretrain|data|reference)/[^/]+|tokens/[^/]+/[^/]+|report|harness",
+        subject=r"(runs|pretrain|data|reference|search)/[^/]+|tokens/[^/]+/[^/]+|report|harness",
         stage=SETTINGS_STAGES,
     localrule: True
     conda:

@@ -44,12 +44,14 @@ rule train:
         gpus=lambda wildcards: run_of(wildcards)["gpus"],
         launcher=lambda wildcards: launcher(run_of(wildcards)["gpus"], run_of(wildcards)["nodes"]),
         checkpoints="results/checkpoints/{run}",
+        guard=trial_guard,
+        pruning=trial_pruning,
     shell:
-        "python -m finetune.gpu_pool --gpus {params.gpus} -- {params.launcher} {input.script}"
+        "{params.guard}python -m finetune.gpu_pool --gpus {params.gpus} -- {params.launcher} {input.script}"
         " --run-name {params.run_name} --settings {input.settings} --base-model {params.base_model}"
         " --shards {input.shards} --reference {input.reference} --records {input.records} --output-dir {output.trained} --metrics {output.metrics}"
         " --summary {output.summary} --samples {output.samples} --tensorboard-dir {output.tensorboard}"
-        " --tracker-dir results/trackers --checkpoint-dir {params.checkpoints} --threads {threads} > {log} 2>&1"
+        " --tracker-dir results/trackers --checkpoint-dir {params.checkpoints} --threads {threads}{params.pruning} > {log} 2>&1"
 
 
 rule manifest:

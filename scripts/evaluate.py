@@ -25,7 +25,7 @@ from finetune.evaluation.generation import (encode_prompt, generate, heldout_rec
                                             reference_answer)
 from finetune.evaluation.loss import mean_token_loss
 from finetune.evaluation.metrics import task_metrics
-from finetune.files import read_jsonl, write_json, write_jsonl
+from finetune.files import read_json, read_jsonl, write_json, write_jsonl
 from finetune.models import DTYPES, load_adapter, load_base_model, resolve_precision
 from finetune.settings import read_settings
 
@@ -121,6 +121,10 @@ def task_of(record_files, ids):
     return [tasks.get(record_id) for record_id in ids]
 
 
+# In the trained folder of a search trial whose training failed (finetune/search/guard.py writes it).
+FAILED_TRIAL = "trial_failed.json"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-model", required=True, help="local path or Hub id")
@@ -141,6 +145,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     settings = read_settings(args.settings, "evaluate")
+    failed = args.trained_dir / FAILED_TRIAL
+    if failed.exists():  # nothing to evaluate: the search tells its study the trial failed
+        write_jsonl(args.generations, [])
+        write_json(args.eval_json, {"run": args.run_name, "failed": read_json(failed)})
+        print(f"[{args.run_name}] training failed: {read_json(failed)['error']}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     result, generations = evaluate(args, settings)

@@ -2,7 +2,8 @@
 per run (settings, cost, losses, task metrics), exact match per task kind, the
 loss curves of all runs on one chart, eval loss against trainable parameters,
 and, for each grid of the config's `sweeps`, the held-out loss and exact match
-against each swept setting. The best run is the one with the highest held-out exact match.
+against each swept setting; with `search:`, each search's best trial and a link to its
+report (its trials are among the runs). The best run is the one with the highest held-out exact match.
 
     python scripts/report_sweep.py --settings results/report/settings/report_sweep.json \
         --runs r8 r16 --run-settings results/runs/{r8,r16}/settings.json \
@@ -15,6 +16,7 @@ import argparse
 import csv
 import html
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -189,12 +191,28 @@ def shown_columns(rows):
     return [c for c in columns if c != "objective" or any(row[c] != "sft" for row in rows)]
 
 
-def render_html(rows, loss_png, params_png, swept_png=None):
+def searches_section(searches):
+    """A list of the config's searches: each one's best trial and a link to its report. searches: [(told file's
+    content, the report's path relative to the sweep page)]."""
+    if not searches:
+        return ""
+    items = []
+    for told, link in searches:
+        best, metric = told["best"], told["objective"]["metric"]
+        found = (f"best {html.escape(best['run'])}, {html.escape(metric)} {best['value']:.4g}" if best
+                 else "no trial completed")
+        items.append(f"<li><a href='{html.escape(link)}'>{html.escape(told['search'])}</a>: "
+                     f"{len(told['trials'])} trials, {found}</li>")
+    return "<h2>Searches</h2><ul>" + "".join(items) + "</ul>"
+
+
+def render_html(rows, loss_png, params_png, swept_png=None, searches=()):
     best, why = best_run(rows)
     tasks, benchmarks = task_columns(rows), task_columns(rows, HARNESS_PREFIX)
     return page("Sweep report", [
         f"<h1>Sweep: {len(rows)} run(s)</h1>",
         f"<p>{why}: <b>{html.escape(best)}</b>. Click a column header to sort.</p>",
+        searches_section(searches),
         sortable_table("sweep", rows, shown_columns(rows), HEADERS, best),
         "<h2>Exact match per task</h2>" if tasks else "",
         sortable_table("tasks", rows, ["run"] + tasks, {t: t[len(TASK_PREFIX):] for t in tasks}, best) if tasks else "",
@@ -221,7 +239,12 @@ def parse_args(argv=None):
     parser.add_argument("--loss-plot", type=Path, required=True)
     parser.add_argument("--params-plot", type=Path, required=True)
     parser.add_argument("--swept-plot", type=Path, required=True, help="metrics against each swept setting (PNG)")
+    parser.add_argument("--search-told", type=Path, nargs="*", default=[],
+                        help="each search's last told file (its trials are among the runs)")
+    parser.add_argument("--search-reports", type=Path, nargs="*", default=[], help="each search's report page")
     args = parser.parse_args(argv)
+    if len(args.search_told) != len(args.search_reports):
+        parser.error("give one report per search's told file")
     lists = (args.run_settings, args.summaries, args.evaluations, args.metrics)
     if any(len(paths) != len(args.runs) for paths in lists):
         parser.error(f"give one file per run ({len(args.runs)}) in each list")
@@ -249,8 +272,10 @@ def main(argv=None):
     plot_loss_curves(curves, args.loss_plot)
     plot_loss_vs_parameters(rows, args.params_plot)
     plot_metrics_vs_swept(rows, sweeps, args.swept_plot)
+    searches = [(read_json(told), os.path.relpath(report, args.html.parent))
+                for told, report in zip(args.search_told, args.search_reports)]
     html_page = render_html(rows, args.loss_plot.read_bytes(), args.params_plot.read_bytes(),
-                            args.swept_plot.read_bytes() if sweeps else None)
+                            args.swept_plot.read_bytes() if sweeps else None, searches)
     args.html.write_text(html_page, encoding="utf-8")
     print(f"sweep report of {len(rows)} run(s) written to {args.html}")
 

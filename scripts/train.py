@@ -203,6 +203,15 @@ def select(run, step, eval_loss):
     return stop_reason(progress.history["selection"], settings.early_stopping)
 
 
+def prune(run, pruning, step, held_out):
+    """Why the search's pruner stops this trial now, or None: asked on the first process, told to every one."""
+    reason = [pruning.report(step, held_out) if pruning else None]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(reason)
+    return reason[0]
+
+
 def save(run, args, tokens_seen, stopped_at, stop):
     """The adapter (for full: the model) and tokenizer, the run summary; then the checkpoints are no longer
     needed. Every process calls this: a sharded model's weights are gathered onto the first."""
@@ -241,6 +250,10 @@ def train(args, settings):
     log.replay(progress.history)  # a resumed run's rows so far
     bar = tqdm(total=run.total_steps, initial=progress.start_step, desc=args.run_name, disable=not main,
                mininterval=10, file=sys.stderr)
+    pruning = None
+    if args.study and main:  # a search trial that its study's pruner may stop
+        from finetune.search.pruning import TrialPruning
+        pruning = TrialPruning(args.study, args.trial, say=run.say)
     progress.started = interval_start = time.perf_counter()
     interval, tokens_seen = new_interval(), 0
     run.model.train()
@@ -264,6 +277,8 @@ def train(args, settings):
             # keep: best and early stopping follow the held-out loss (for grpo: minus the held-out reward).
             held_out = row.get("eval_loss", -row["eval_reward"] if "eval_reward" in row else None)
             stop = select(run, step, held_out) if held_out is not None else None
+            if args.study and held_out is not None and not stop:
+                stop = prune(run, pruning, step, held_out)
             if stop:
                 run.say(f"{stop}: stopping at step {step} of {run.total_steps}")
                 break
@@ -299,6 +314,9 @@ def parse_args(argv=None):
     parser.add_argument("--tracker-dir", type=Path, default=None,
                         help="the local MLflow file store and W&B offline runs go under it (training/log.py)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="resumable checkpoints (not an output)")
+    parser.add_argument("--study", type=Path, default=None,
+                        help="a search trial: its study's Optuna journal, which may prune it (finetune/search)")
+    parser.add_argument("--trial", type=int, default=None, help="with --study: the trial's number in the study")
     parser.add_argument("--run-name", default="run")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     return parser.parse_args(argv)

@@ -1,0 +1,80 @@
+# Searches beyond grids (config `search:`; docs/search.md). Each search runs in rounds: a
+# checkpoint proposes the round's trials from the search's Optuna study (its journal,
+# results/search/{search}/study.journal), each trial becomes a run named {search}-trial{number}
+# with the same jobs as a run listed with those settings, and a second checkpoint tells the
+# study their objectives (a failed trial as failed) before the next round is proposed. Both
+# are local jobs; the trials' jobs run wherever training runs (GPU pool, SLURM). Proposing is
+# a function of the told trials and the seed: a rerun proposes the same trials, retraining nothing.
+
+
+checkpoint search_propose:
+    input:
+        settings="results/search/{search}/settings/search_propose.json",
+        told=earlier_told,
+        script=script("search_propose"),
+        code=code_of("search_propose"),
+    output:
+        "results/search/{search}/round-{round}.json",
+    log:
+        "results/logs/search/{search}/propose-{round}.log",
+    wildcard_constraints:
+        round=r"\d+",
+    localrule: True
+    conda:
+        "../envs/finetune.yaml"
+    params:
+        journal="results/search/{search}/study.journal",
+    shell:
+        "python {input.script} --settings {input.settings} --search {wildcards.search} --round {wildcards.round}"
+        " --told {input.told} --journal {params.journal} --output {output} > {log} 2>&1"
+
+
+checkpoint search_tell:
+    input:
+        settings="results/search/{search}/settings/search_tell.json",
+        proposal=rules.search_propose.output[0],
+        told=earlier_told,
+        evaluations=round_files("evaluations"),
+        summaries=round_files("summaries"),
+        metrics=round_files("metrics"),
+        script=script("search_tell"),
+        code=code_of("search_tell"),
+    output:
+        "results/search/{search}/told-{round}.json",
+    log:
+        "results/logs/search/{search}/tell-{round}.log",
+    wildcard_constraints:
+        round=r"\d+",
+    localrule: True
+    conda:
+        "../envs/finetune.yaml"
+    params:
+        runs=round_trials,
+        journal="results/search/{search}/study.journal",
+    shell:
+        "python {input.script} --settings {input.settings} --search {wildcards.search} --round {wildcards.round}"
+        " --proposal {input.proposal} --told {input.told} --runs {params.runs} --evaluations {input.evaluations}"
+        " --summaries {input.summaries} --metrics {input.metrics} --journal {params.journal} --output {output}"
+        " > {log} 2>&1"
+
+
+rule search_report:
+    input:
+        settings="results/search/{search}/settings/search_report.json",
+        told=last_told,
+        script=script("search_report"),
+        code=code_of("search_report"),
+    output:
+        html=reported("results/search/{search}/report.html", "Searches", "search_report", "search report"),
+        history="results/search/{search}/history.png",
+        settings_plot="results/search/{search}/settings.png",
+        importance="results/search/{search}/importance.png",
+        best="results/search/{search}/best.yaml",
+    log:
+        "results/logs/search/{search}/report.log",
+    conda:
+        "../envs/finetune.yaml"
+    shell:
+        "python {input.script} --settings {input.settings} --search {wildcards.search} --told {input.told}"
+        " --html {output.html} --history-plot {output.history} --settings-plot {output.settings_plot}"
+        " --importance-plot {output.importance} --best {output.best} > {log} 2>&1"
