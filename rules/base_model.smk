@@ -47,7 +47,7 @@ use rule train as pretrain with:
         model=rules.build_tiny_model.output,
         settings="results/pretrain/{model}/settings/train.json",
         script=script("train"),
-        code=code_of("train", leave_out=SAMPLING + PREFERENCE + GRPO),
+        code=code_of("train", leave_out=SAMPLING + PREFERENCE + GRPO + PRUNING),
     output:
         trained=directory("results/base_models/{model}"),
         metrics="results/pretrain/{model}/metrics.jsonl",

@@ -3,6 +3,7 @@
 workflow's validation and resolution), so that a trial is an ordinary run.
 """
 import copy
+import re
 
 from finetune.config import check_before_defaults, merge_run_defaults, resolve_runs
 from finetune.search.space import probes, space_problems, trial_name
@@ -57,6 +58,18 @@ def resolve_trial(raw_config, search, name, values, validate):
     return config["runs"][name], config["base_models"]
 
 
+def reason(problem, name):
+    """What a validation error or a run check says, in a line (the schema's reason and the setting it is about)."""
+    text = str(problem).replace(f"run '{name}': ", "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    found = next((line[len("ValidationError: "):] for line in lines if line.startswith("ValidationError: ")), None)
+    if found is None:
+        return lines[0] if lines else type(problem).__name__
+    where = next((line for line in lines if line.startswith("On instance[")), "")
+    setting = re.findall(r"\['([^']+)'\]", where)[2:3]
+    return f"{setting[0]}: {found}" if setting else found
+
+
 def check_trials(config, raw_config, validate):
     """Resolve each search's trials at the corners of its space before any job, so that a value the run schema
     or the run checks refuse stops the workflow naming the search and the setting; a pruned search needs held-out
@@ -66,9 +79,9 @@ def check_trials(config, raw_config, validate):
         for values in probes(spec["space"]):
             try:
                 trial, models = resolve_trial(raw_config, search, trial_name(search, "probe"), values, validate)
-            except Exception as problem:  # the schema's ValidationError, or the workflow's ValueError
-                message = str(problem).replace(f"run '{trial_name(search, 'probe')}': ", "").splitlines()[0]
-                raise ValueError(f"search '{search}': a trial with {values} is no valid run: {message}") from None
+            except Exception as problem:  # the schema's validation error, or the workflow's ValueError
+                raise ValueError(f"search '{search}': a trial with {values} is no valid run: "
+                                 f"{reason(problem, trial_name(search, 'probe'))}") from None
             for model, model_spec in models.items():
                 config["base_models"].setdefault(model, model_spec)
         if spec["pruning"] != "none" and not trial["eval_every"]:
