@@ -44,9 +44,12 @@ def project_config(steps, quick):
 
 
 def run_project(folder, config):
-    for part in PARTS:
+    for part in PARTS:  # over a kept project of an earlier call: its results stay, the code is this checkout's
         source = REPO / part
-        (shutil.copytree if source.is_dir() else shutil.copy2)(source, folder / part)
+        if source.is_dir():
+            shutil.copytree(source, folder / part, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, folder / part)
     (folder / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2"], cwd=folder, check=True,

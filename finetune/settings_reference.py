@@ -10,8 +10,8 @@ from finetune.settings import SCHEMA_FILE, TOP_LEVEL, is_learned, load_schema
 
 SECTIONS = {  # where each section sits in the config, in the order a reader meets them
     TOP_LEVEL: "the top of the config", "base_model": "base_models.NAME", "build_tiny": "base_models.NAME.build_tiny",
-    "dataset": "datasets.NAME", "eval": "eval", "run": "run_defaults, runs.NAME, build_tiny.pretrain, sweeps.NAME.base",
-    "sweep": "sweeps.NAME", "hub": "runs.NAME.hub", "model_card": "model_card"}
+    "dataset": "datasets.NAME", "eval": "eval", "run": "run_defaults, runs.NAME, build_tiny.pretrain, sweeps.NAME.base, search.NAME.base",
+    "sweep": "sweeps.NAME", "search": "search.NAME", "hub": "runs.NAME.hub", "model_card": "model_card"}
 
 
 def kind(spec):

@@ -18,7 +18,7 @@ GRPO = ("finetune.training.grpo", "finetune.training.rewards")
 # Imported only when eval.harness names lm-evaluation-harness tasks.
 HARNESS = ("finetune.evaluation.harness",)
 # Imported only by the trials of a search that prunes.
-PRUNING = ("finetune.search.pruning",)
+PRUNING = ("finetune.training.pruning",)
 
 
 def script(name):

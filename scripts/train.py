@@ -252,7 +252,7 @@ def train(args, settings):
                mininterval=10, file=sys.stderr)
     pruning = None
     if args.study and main:  # a search trial that its study's pruner may stop
-        from finetune.search.pruning import TrialPruning
+        from finetune.training.pruning import TrialPruning
         pruning = TrialPruning(args.study, args.trial, say=run.say)
     progress.started = interval_start = time.perf_counter()
     interval, tokens_seen = new_interval(), 0

@@ -83,7 +83,12 @@ eval: {num_samples: 4, max_new_tokens: 4}
 run_defaults: {max_steps: 10, eval_every: 0, log_every: 5, max_length: 64, checkpoint_every: 0}
 runs:
   lora-r16: {gpus: 1}
+search:
+  s: {space: {learning_rate: [0.001, 0.002]}, objective: {metric: loss, direction: minimize}, trials: 1, parallel: 1}
 """
+# The jobs of a search's trial, which no plan shows before its round is proposed; each is a SLURM job whose
+# Snakemake parses the workflow again and must know the trial as a run (rules/common.smk: register_proposed_trials).
+TRIAL_JOBS = 4  # train, manifest, evaluate, report_run
 
 
 def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, cluster):
@@ -97,13 +102,15 @@ def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, 
     first = snakemake(workdir, *args, env=cluster.env, timeout=900)
     output = first.stdout + first.stderr
     jobs = submissions(output)
-    assert len(jobs) == expected_jobs, output[-3000:]
+    assert len(jobs) == expected_jobs + TRIAL_JOBS, output[-3000:]
+    assert json.loads((workdir / "results/search/s/told-1.json").read_text())["trials"][0]["state"] == "COMPLETE"
     assert "localrule all:" in output and "localrule settings:" in output, \
         "the target rule and the jobs that write settings files run in Snakemake's process, the rest under SLURM"
     assert json.loads((workdir / "results/runs/lora-r16/eval.json").read_text())["tuned"]["loss"] > 0
 
     train = {run: jobs[job] for run, job in train_jobs(output).items()}
     assert "TresPerJob=gres:gpu:1" in cluster.scontrol_job(train["lora-r16"]), "gpus: 1 reached SLURM as one GPU"
+    assert "s-trial0" in train, "the search's trial trained as a SLURM job"
     cpu_only = [jobs[job] for job in job_ids(output, ("validate", "tokenize", "build_tiny_model"))]
     assert cpu_only and not any("gres:gpu" in cluster.scontrol_job(slurm_id) for slurm_id in cpu_only), \
         "jobs that use no GPU ask for none"
