@@ -211,7 +211,7 @@ CONFIGURED_RUNS = list(RUNS)
 
 def final_outputs():
     """What `snakemake` makes: every configured run's results, published folders and serving manifest; the
-    sweep page. A search's report and its trials' results follow its rounds (search_outputs)."""
+    sweep page. A search's report and its trials' results follow its rounds (rules/common.smk)."""
     outputs = [f"results/data/{dataset}.stats.json" for dataset in config["datasets"]]
     for name in CONFIGURED_RUNS:
         run = RUNS[name]
