@@ -65,6 +65,7 @@ def searched(finished, tmp_path_factory):
     (project / "search.yaml").write_text(SEARCH)
     proposal = kill_during_first_round(project)
     assert not (project / "results/search/quick/told-1.json").exists(), "killed before the round was told"
+    snakemake(project, "--unlock", *ARGS)  # a killed Snakemake leaves its lock on the project
     result = snakemake(project, "--cores", "2", *ARGS, timeout=1200)
     (project.parent / "snakemake-output.txt").write_text(result.stdout + result.stderr)
     return project, proposal
