@@ -1,11 +1,12 @@
 # Fine-tuning as a Snakemake workflow:
 #   data -> validate -> tokenize -> train (one job per run) -> evaluate, report
 #   -> merge, export, upload; the embedded tiny base model is built and pretrained
-#   by the workflow itself; searches (Optuna) propose rounds of runs. See README.md and docs/.
+#   by the workflow itself; searches (Optuna) propose rounds of runs. See README.md
+#   and docs/.
 # The rule files depend one way, in the order they are included: config (the resolved
-# config), paths (file names), code (each job's code inputs) and common (what the rules
-# look up by wildcards) hold functions only; then the rules, each file using those and
-# the rules before it.
+# config), paths (file names), code (each job's code inputs), trials (a search's trials
+# as runs) and common (what the rules look up by wildcards) hold functions only; then
+# the rules, each file using those and the rules before it.
 import re
 
 from snakemake.utils import min_version
@@ -22,6 +23,7 @@ report: "rules/captions/workflow.rst"
 include: "rules/config.smk"
 include: "rules/paths.smk"
 include: "rules/code.smk"
+include: "rules/trials.smk"
 include: "rules/common.smk"
 
 

@@ -16,6 +16,7 @@ from finetune.files import read_json
 from finetune.search.space import objective_value
 from finetune.search.study import outcome, propose, storage, tell
 from finetune.settings import declared, read_settings, write_settings
+from finetune.training.pruning import TrialPruning
 from test_train_resume_and_scale import train_args
 from workflow import copy_workflow, dry_run_jobs, snakemake
 
@@ -59,6 +60,9 @@ def test_a_round_is_proposed_from_the_seed_and_the_told_trials_alone(tmp_path):
     # a killed proposal left trials waiting in the journal: proposing again asks the same trials
     journal = tmp_path / "a" / "study.journal"
     assert propose(settings, "s", 1, [], journal) == first
+    cut_short = tmp_path / "b" / "study.journal"
+    cut_short.write_bytes(cut_short.read_bytes()[:-7])  # a write cut short by a kill
+    assert propose(settings, "s", 1, [], cut_short) == first
     told = told_round(tmp_path, journal, 1, [], first, [0.9, 0.5])
     assert [t["state"] for t in told["trials"]] == ["COMPLETE", "COMPLETE"]
     assert told["best"]["number"] == 1 and told["best"]["value"] == 0.5
@@ -118,6 +122,9 @@ def test_a_trial_the_median_pruner_stops_is_recorded_as_pruned(tmp_path, tiny_mo
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trial = outcome({"number": 2, "params": {}}, "s-trial2", 2, {"tuned": {"loss": 2.0}}, summary, metrics, OBJECTIVE)
     assert trial["state"] == "PRUNED" and trial["held_out_loss"] == {"10": metrics[-1]["eval_loss"]}
+
+    gone = TrialPruning(tmp_path / "deleted" / "study.journal", 2, say=lambda message: None)
+    assert gone.report(10, 99.0) is None, "without its study a trial trains on"
 
     done = tmp_path / "trial0-again"
     train.main(train_args(tiny_model, shards, done, "--study", str(journal), "--trial", "0", max_steps=20,

@@ -123,8 +123,10 @@ def test_whole_workflow_runs_as_slurm_jobs_and_reruns_only_stale_ones(tmp_path, 
     stale_jobs = len(re.findall(SUBMITTED_RULE, stale, flags=re.M))
     second = snakemake(workdir, *args, env=cluster.env, timeout=900)
     resubmitted = submissions(second.stdout + second.stderr)
-    assert len(resubmitted) == stale_jobs < expected_jobs
-    assert "rule evaluate:" in second.stdout + second.stderr
+    # The plan counts the jobs after the search's tell; told the same results, Snakemake finds them up to date.
+    assert stale_jobs - 2 <= len(resubmitted) <= stale_jobs < expected_jobs
+    assert len(re.findall(r"^rule evaluate:$", second.stdout + second.stderr, flags=re.M)) == 2, \
+        "lora-r16's evaluation and the trial's"
     assert "rule train:" not in second.stdout + second.stderr and "rule build_tiny_model:" not in second.stdout
 
 

@@ -94,8 +94,11 @@ def synced_study(journal, search, settings, trials, sampler=None, running=()):
     journal.parent.mkdir(parents=True, exist_ok=True)
     study = None
     if journal.exists():
-        study = optuna.load_study(study_name=search, storage=storage(journal), sampler=sampler)
-        if not agrees(study, trials + list(running)) or study.user_attrs != study_attributes(settings):
+        try:
+            study = optuna.load_study(study_name=search, storage=storage(journal), sampler=sampler)
+        except Exception as problem:  # unreadable (a write cut short), or another study: rebuilt below
+            print(f"{journal}: {type(problem).__name__}: {problem}; rebuilding it from the told trials")
+        if study and (not agrees(study, trials + list(running)) or study.user_attrs != study_attributes(settings)):
             study = None
     if study is None:
         rebuild(journal, search, settings, trials)
