@@ -112,6 +112,8 @@ def test_the_search_report_is_linked_from_the_sweep_page_and_its_best_pastes_as_
     assert best["run"] in sweep, "the trials that trained are among the sweep's runs"
 
 
-def test_a_finished_search_reruns_nothing(searched):
+def test_a_finished_search_reruns_nothing_also_moved(searched, tmp_path):
     project, _ = searched
     assert planned_jobs(project, *ARGS) == []
+    moved = copy_project(project, tmp_path / "moved")
+    assert planned_jobs(moved, *ARGS) == [], "a copied project's search is done too"
