@@ -1,16 +1,19 @@
 # Searches beyond grids (config `search:`; docs/search.md). Each search runs in rounds: a
 # checkpoint proposes the round's trials from the search's Optuna study (its journal,
 # results/search/{search}/study.journal), each trial becomes a run named {search}-trial{number}
-# with the same jobs as a run listed with those settings, and a second checkpoint tells the
-# study their objectives (a failed trial as failed) before the next round is proposed. Both
-# are local jobs; the trials' jobs run wherever training runs (GPU pool, SLURM). Proposing is
-# a function of the told trials and the seed: a rerun proposes the same trials, retraining nothing.
+# with the same jobs as a run listed with those settings, and a local job tells the study
+# their objectives (a failed trial as failed) before the next round is proposed. The trials'
+# jobs run wherever training runs (GPU pool, SLURM). A proposal, once made, is kept: the told
+# results of the round before are an `ancient` input of the next proposal (needed, never a
+# reason to propose again), so a proposal that must run always runs, and whatever waits for it
+# (a tell, the sweep page) is resolved when it finishes; the search's own settings and code
+# propose again.
 
 
 checkpoint search_propose:
     input:
         settings="results/search/{search}/settings/search_propose.json",
-        told=earlier_told,
+        told=lambda wildcards: [ancient(path) for path in earlier_told(wildcards)],
         script=script("search_propose"),
         code=code_of("search_propose"),
     output:
@@ -29,7 +32,7 @@ checkpoint search_propose:
         " --told {input.told} --journal {params.journal} --output {output} > {log} 2>&1"
 
 
-checkpoint search_tell:
+rule search_tell:
     input:
         settings="results/search/{search}/settings/search_tell.json",
         proposal=rules.search_propose.output[0],

@@ -1,6 +1,8 @@
 # A search's trials as runs (rules/search.smk has its rules): each round's trials are
 # registered as runs (RUNS, TRIALS) when its proposal, a checkpoint, is read, and what a
-# search's jobs, the sweep page and `rule all` look up about them. Uses config.smk and
+# search's jobs, the sweep page and `rule all` look up about them: only proposals, which
+# a job waits for only while they are to be made (never the told results, whose job
+# Snakemake may find up to date after planning it, leaving what waits for it unresolved). Uses config.smk and
 # paths.smk; common.smk and the rule files use it.
 import os
 
@@ -33,13 +35,9 @@ def proposed_trials(search, round_number):
     return [register_trial(search, trial["number"], trial["params"]) for trial in read_json(proposal)["trials"]]
 
 
-def told_trials(search):
-    """Every trial of a search as told after its last round (a checkpoint), each registered as a run."""
-    told = checkpoints.search_tell.get(search=search, round=str(search_round_count(search))).output[0]
-    trials = read_json(told)["trials"]
-    for trial in trials:
-        register_trial(search, trial["number"], trial["params"])
-    return trials
+def searched_trials(search):
+    """Every trial of a search, round by round as their proposals are made."""
+    return [run for n in range(1, search_round_count(search) + 1) for run in proposed_trials(search, n)]
 
 
 def register_proposed_trials():
@@ -78,19 +76,19 @@ def last_told(wildcards):
 
 
 def search_outputs(wildcards):
-    """Each search's report, and its trials' evaluations and (those that trained) run pages."""
+    """Each search's report, and its trials' evaluations and run pages."""
     outputs = []
     for search in SEARCHES:
-        trials = told_trials(search)
         outputs += [f"results/search/{search}/report.html"]
-        outputs += [f"results/runs/{t['run']}/eval.json" for t in trials]
-        outputs += [f"results/runs/{t['run']}/report.html" for t in trials if t["state"] != "FAIL"]
+        for run in searched_trials(search):
+            outputs += [f"results/runs/{run}/eval.json", f"results/runs/{run}/report.html"]
     return outputs
 
 
 def swept_runs():
-    """The runs the sweep page compares: the configured ones and every search's trials that trained."""
-    return CONFIGURED_RUNS + [t["run"] for s in SEARCHES for t in told_trials(s) if t["state"] != "FAIL"]
+    """The runs the sweep page compares: the configured ones and every search's trials (a failed trial's
+    files say so; the page leaves it out)."""
+    return CONFIGURED_RUNS + [run for search in SEARCHES for run in searched_trials(search)]
 
 
 def swept(path):

@@ -42,9 +42,10 @@ def plot_loss(metrics, path, title, summary=None):
         best = "highest held-out reward" if rewarded else "lowest eval loss"
         ax.axvline(summary["best_step"], color="tab:green", linestyle="--",
                    label=f"{best}{kept}: step {summary['best_step']}")
-    if summary.get("stop_reason", "max_steps") != "max_steps":
+    if summary.get("stop_reason", "max_steps") != "max_steps" and summary.get("stopped_at_step") is not None:
+        why = "pruned" if summary["stop_reason"].startswith("pruned") else "early stop"
         ax.axvline(summary["stopped_at_step"], color="tab:red", linestyle=":",
-                   label=f"early stop: step {summary['stopped_at_step']}")
+                   label=f"{why}: step {summary['stopped_at_step']}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("policy loss" if rewarded else "loss per trained token")
     ax.set_title(title)
@@ -211,10 +212,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def failed_page(run_name, failure, plot_png, manifest):
+    """The page of a search trial whose training failed: the error, its settings, what it logged before."""
+    return page(f"Run {run_name}", [
+        f"<h1>Run <code>{html.escape(run_name)}</code>: training failed</h1>",
+        f"<p>{html.escape(failure.get('error') or '')} (exit code {failure.get('exit_code')}). The search told its "
+        "study the trial failed and went on; the job's log is under results/logs/train/.</p>",
+        "<h2>Loss curve (until it failed)</h2>", image("loss curve", plot_png),
+        "<h2>Settings</h2>", table(["setting", "value"], sorted(manifest.get("settings", {}).items())),
+    ])
+
+
 def main(argv=None):
     args = parse_args(argv)
     summary = read_json(args.summary)
     plot_loss(list(read_jsonl(args.metrics)), args.plot, f"run {args.run_name}", summary)
+    evaluation = read_json(args.eval_json)
+    if evaluation.get("failed"):
+        failed = failed_page(args.run_name, evaluation["failed"], args.plot.read_bytes(), read_json(args.manifest))
+        args.html.write_text(failed, encoding="utf-8")
+        print(f"report of the failed run written to {args.html}")
+        return
     html_page = render_html(args.run_name, summary, read_json(args.eval_json), list(read_jsonl(args.generations)),
                             list(read_jsonl(args.samples)), args.plot.read_bytes(), read_json(args.manifest))
     args.html.write_text(html_page, encoding="utf-8")

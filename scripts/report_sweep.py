@@ -266,8 +266,11 @@ def main(argv=None):
     rows, curves = [], {}
     for name, settings, summary, evaluation, metrics in zip(args.runs, args.run_settings, args.summaries,
                                                            args.evaluations, args.metrics):
+        evaluation = read_json(evaluation)
+        if evaluation.get("failed"):  # a search's trial whose training failed: its search report lists it
+            continue
         curves[name] = list(read_jsonl(metrics))
-        rows.append(run_row(name, read_json(settings), read_json(summary), read_json(evaluation), curves[name]))
+        rows.append(run_row(name, read_json(settings), read_json(summary), evaluation, curves[name]))
     write_csv(args.csv, rows)
     plot_loss_curves(curves, args.loss_plot)
     plot_loss_vs_parameters(rows, args.params_plot)

@@ -84,7 +84,8 @@ def test_a_killed_search_goes_on_with_the_same_trials_and_tells_every_one(search
         assert (trial["state"] == "FAIL") == failing, trial
         if failing:
             assert "no_such_module" in trial["error"] and trial["value"] is None
-            assert not (project / "results/runs" / trial["run"] / "report.html").exists()
+            page = (project / "results/runs" / trial["run"] / "report.html").read_text()
+            assert "training failed" in page and "no_such_module" in page
         else:
             summary = read_json(project / "results/runs" / trial["run"] / "train_summary.json")
             assert (trial["state"] == "PRUNED") == summary["stop_reason"].startswith("pruned"), trial
@@ -110,6 +111,8 @@ def test_the_search_report_is_linked_from_the_sweep_page_and_its_best_pastes_as_
     sweep = (project / "results/report/sweep.html").read_text()
     assert "href='../search/quick/report.html'" in sweep
     assert best["run"] in sweep, "the trials that trained are among the sweep's runs"
+    failed = [t["run"] for t in read_json(folder / "told-2.json")["trials"] if t["state"] == "FAIL"]
+    assert failed and not any(f"<td>{run}</td>" in sweep for run in failed), "a failed trial has no row"
 
 
 def test_a_finished_search_reruns_nothing_also_moved(searched, tmp_path):
