@@ -174,10 +174,12 @@ def evaluation_gpus(wildcards):
     return min(run_of(wildcards)["gpus"], 1)
 
 
-def reported(path, category, caption, figure, per_run=False):
-    """An output shown in `snakemake --report`, under its category (and its run), with its caption."""
-    labels = {"run": "{run}", "figure": figure} if per_run else {"figure": figure}
-    subcategory = "{run}" if per_run else None
+def reported(path, category, caption, figure, per_run=False, per=None):
+    """An output shown in `snakemake --report`, under its category (and its run, or the wildcard `per` names),
+    with its caption."""
+    per = "run" if per_run else per
+    labels = {per: f"{{{per}}}", "figure": figure} if per else {"figure": figure}
+    subcategory = f"{{{per}}}" if per else None
     return report(path, category=category, subcategory=subcategory, caption=f"captions/{caption}.rst", labels=labels)
 
 

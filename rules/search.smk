@@ -68,10 +68,18 @@ rule search_report:
         script=script("search_report"),
         code=code_of("search_report"),
     output:
-        html=reported("results/search/{search}/report.html", "Searches", "search_report", "search report"),
-        history="results/search/{search}/history.png",
-        settings_plot="results/search/{search}/settings.png",
-        importance="results/search/{search}/importance.png",
+        html=reported("results/search/{search}/report.html", "Searches", "search_report", "report", per="search"),
+        history=reported("results/search/{search}/history.png", "Searches", "search_history", "history", per="search"),
+        settings_plot=reported(
+            "results/search/{search}/settings.png",
+            "Searches",
+            "search_settings",
+            "objective vs settings",
+            per="search",
+        ),
+        importance=reported(
+            "results/search/{search}/importance.png", "Searches", "search_importance", "importances", per="search"
+        ),
         best="results/search/{search}/best.yaml",
     log:
         "results/logs/search/{search}/report.log",
