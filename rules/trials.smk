@@ -1,9 +1,10 @@
-# A search's trials as runs (rules/search.smk has its rules): each round's trials are
-# registered as runs (RUNS, TRIALS) when its proposal, a checkpoint, is read, and what a
-# search's jobs, the sweep page and `rule all` look up about them: only proposals, which
-# a job waits for only while they are to be made (never the told results, whose job
-# Snakemake may find up to date after planning it, leaving what waits for it unresolved). Uses config.smk and
-# paths.smk; common.smk and the rule files use it.
+# A search's trials as runs (rules/search.smk has the search's jobs): each round's trials
+# are registered as runs (RUNS, TRIALS) when its proposal, a checkpoint, is read; and what
+# the search's jobs, the sweep page and the `all` target look up about them. They wait on
+# proposals only, and only while a proposal is to be made, never on told results (Snakemake
+# may find a job it planned up to date once its inputs are made, and would leave what waits
+# for that job unresolved). Uses config.smk and paths.smk; common.smk and the rule files
+# use it.
 import os
 
 from finetune.files import read_json
