@@ -221,14 +221,18 @@ def settings_sections(subject):
     return {"config": config}
 
 
-def stage_settings(wildcards):
+def settings_text(subject, stage):
     """A stage's share of the settings, as the text of its settings file. Training takes the eval
     section's settings only to answer prompts during training: a run that does not (pretraining
     never does) gets their defaults, so that editing them does not retrain it."""
-    sections = settings_sections(wildcards.subject)
-    if wildcards.stage == "train" and not samples(sections["run"]):
+    sections = settings_sections(subject)
+    if stage == "train" and not samples(sections["run"]):
         sections["eval"] = {}
-    return json.dumps(share(wildcards.stage, SCHEMA, **sections), indent=1)
+    return json.dumps(share(stage, SCHEMA, **sections), indent=1)
+
+
+def stage_settings(wildcards):
+    return settings_text(wildcards.subject, wildcards.stage)
 
 
 def run_settings_text(wildcards):

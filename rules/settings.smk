@@ -14,13 +14,32 @@ rule settings:
     log:
         "results/logs/settings/{subject}/{stage}.log",
     wildcard_constraints:
-        subject=r"(runs|pretrain|data|reference|search)/[^/]+|tokens/[^/]+/[^/]+|report|harness",
+        subject=r"(runs|pretrain|data|reference|search)/[^/]+|tokens/[^/]+/[^/]+|report",
         stage=SETTINGS_STAGES,
     localrule: True
     conda:
         "../envs/finetune.yaml"
     params:
         settings=stage_settings,
+    shell:
+        "printf '%s\\n' {params.settings:q} > {output} 2> {log}"
+
+
+# The settings of the lm-evaluation-harness check, first of all (as the check itself: a
+# missing task or dataset stops the workflow before anything is trained).
+rule harness_settings:
+    output:
+        "results/harness/settings/{stage}.json",
+    log:
+        "results/logs/settings/harness/{stage}.log",
+    wildcard_constraints:
+        stage="harness_tasks",
+    priority: 100
+    localrule: True
+    conda:
+        "../envs/finetune.yaml"
+    params:
+        settings=lambda wildcards: settings_text("harness", wildcards.stage),
     shell:
         "printf '%s\\n' {params.settings:q} > {output} 2> {log}"
 
