@@ -29,12 +29,6 @@ def last_error(log, lines=3):
     return " | ".join((errors or text)[-lines:])[-1000:] or "training failed"
 
 
-def failure_of(trained):
-    """A failed trial's failure ({error, exit_code}) from its trained folder, or None."""
-    path = Path(trained) / FAILED
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def write_failure(args, exit_code):
     failure = {"error": last_error(args.log), "exit_code": exit_code}
     with atomic_path(args.trained) as partial:
